@@ -1,0 +1,22 @@
+"""lavis_lite: BLIP-2's Q-Former, trained and served."""
+
+from .config import ConfigError, ModelConfig, QFormerConfig, VisionConfig, load_model_config, merge_config
+from .factory import create_model, create_tokenizer
+from .masks import build_attention_mask
+from .qformer import QFormer
+from .stage1_model import Blip2Stage1, Stage1Output
+
+__all__ = [
+    "Blip2Stage1",
+    "ConfigError",
+    "ModelConfig",
+    "QFormer",
+    "QFormerConfig",
+    "Stage1Output",
+    "VisionConfig",
+    "build_attention_mask",
+    "create_model",
+    "create_tokenizer",
+    "load_model_config",
+    "merge_config",
+]

@@ -1,0 +1,157 @@
+"""Model configuration: omegaconf structured dataclasses, YAML files and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder: `kind` picks the adapter (see `lavis_lite.vision`)."""
+
+    kind: str = "open_clip"  # open_clip | timm | vit
+    name: str = "EVA01-g-14"  # open_clip / timm model name
+    checkpoint: Optional[str] = None  # local weights file; None keeps the random init
+    image_size: int = 224
+    drop_last_block: bool = True  # BLIP-2 uses the penultimate block's output (no final norm)
+    precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    # kind == "vit": a small EVA-style ViT built from these fields (tests, HF parity)
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_dim: int = 128
+    patch_size: int = 8
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class QFormerConfig:
+    """BERT layers with learned queries; cross-attention every `cross_attention_freq` layers."""
+
+    bert: Optional[str] = None  # local BertModel directory (config, weights, vocab); None = random init
+    tokenizer: Optional[str] = None  # local tokenizer directory; defaults to `bert`
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    vocab_size: int = 30523  # bert-base-uncased's 30522 plus [DEC]
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    attn_impl: str = "auto"  # auto | sdpa | eager (auto: sdpa on CUDA, eager matmul-softmax on CPU)
+
+
+@dataclass
+class ModelConfig:
+    """The stage-1 model: frozen vision encoder, `ln_vision`, Q-Former and the ITC/ITM/ITG heads."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    embed_dim: int = 256
+    max_text_len: int = 32
+    temperature: float = 0.07
+    losses: list[str] = field(default_factory=lambda: ["itc", "itm", "itg"])
+    itc_label_smoothing: float = 0.1
+    itg_label_smoothing: float = 0.1
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased so that the user can fix it."""
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _valid_keys(schema: Any, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a dataclass schema, mapped to its field type (dataclass or None)."""
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        child = type(sub) if dataclasses.is_dataclass(sub) else None
+        keys[prefix + f.name] = child
+        if child is not None:
+            keys.update(_valid_keys(child, prefix + f.name + "."))
+    return keys
+
+
+def _reject_unknown(values: Any, valid: dict[str, Any], prefix: str, source: str) -> None:
+    """Raise a ConfigError naming the first unknown key and the nearest valid one."""
+    if not isinstance(values, (dict, DictConfig)):
+        return
+    for key, value in values.items():
+        dotted = prefix + str(key)
+        if dotted not in valid:
+            siblings = [k for k in valid if k.startswith(prefix) and "." not in k[len(prefix):]]
+            nearest = difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.0)
+            hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
+            raise ConfigError(f"unknown config key '{dotted}' in {source}{hint}")
+        if valid[dotted] is not None:
+            _reject_unknown(value, valid, dotted + ".", source)
+
+
+def merge_config(schema: type, sources: Sequence[str | Path | dict], overrides: Sequence[str] = ()) -> Any:
+    """Merge YAML files / dicts and `key=value` overrides onto a structured schema.
+
+    Unknown keys raise `ConfigError` naming the key and the nearest valid one;
+    values of the wrong type raise `ConfigError` naming the key.
+    """
+    merged = OmegaConf.structured(schema)
+    layers: list[tuple[Any, str]] = []
+    for source in sources:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append((OmegaConf.load(path), str(path)))
+        else:
+            layers.append((OmegaConf.create(source), "config dict"))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. qformer.num_layers=6)")
+        key, _ = item.split("=", 1)
+        layers.append((OmegaConf.from_dotlist([item]), f"override '{key}'"))
+    for values, source in layers:
+        _reject_unknown(values, _valid_keys(schema), "", source)
+        try:
+            merged = OmegaConf.merge(merged, values)
+        except Exception as err:  # omegaconf's validation errors carry the key in `full_key`
+            key = getattr(err, "full_key", None) or "?"
+            raise ConfigError(f"bad value for config key '{key}' in {source}: {err.args[0].splitlines()[0]}") from None
+    return OmegaConf.to_object(merged)
+
+
+def load_model_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
+    """A ModelConfig from a YAML path or a name under `configs/model/` (e.g. `blip2-stage1-vitg`)."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        named = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
+        if not named.is_file():
+            known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+            raise ConfigError(f"no model config '{name_or_path}': give a YAML path or one of {known}")
+        path = named
+    return merge_config(ModelConfig, [path], overrides)
+
+
+def to_dict(config: Any) -> dict:
+    """A plain dict of a structured config (for checkpoints and logs)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+__all__ = [
+    "VisionConfig",
+    "QFormerConfig",
+    "ModelConfig",
+    "ConfigError",
+    "merge_config",
+    "load_model_config",
+    "to_dict",
+]

@@ -1,0 +1,30 @@
+"""The data section of a training recipe (an omegaconf structured dataclass, like `lavis_lite.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    """Where image-text shards are and how batches are made from them.
+
+    Image size, normalisation and the text length come from the model (`VisionConfig.image_size`, the
+    vision encoder's `.mean` / `.std`, `ModelConfig.max_text_len`), not from here.
+    """
+
+    train_shards: str = ""  # brace pattern ("dir/shard-{000000..000099}.tar") or a directory of .tar shards
+    val_shards: str = ""
+    batch_size: int = 32  # per process
+    num_workers: int = 4  # DataLoader worker processes per process
+    shuffle_buffer: int = 2000  # samples each worker shuffles among (training)
+    resampled: bool = True  # training draws shards with replacement, forever (step-based training)
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # RandomResizedCrop area range
+    hflip: bool = True
+    flip_swaps_left_right: bool = False  # True for positional captions (see PairTransform)
+    max_words: int = 50  # captions are truncated to this many words before tokenisation
+    seed: int = 0
+    # Without augmentation the frozen encoder's tokens never change: compute them once and train on them.
+    cache_features: bool = False
+    cache_dir: str = "data/cache"
+    trace_encoder: bool = True  # torch.jit.trace + freeze the frozen encoder while caching (CPU)

@@ -1,0 +1,101 @@
+"""BLIP-2's image transforms and caption cleaning, with flips that keep positional captions true."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from .config import DataConfig
+
+BICUBIC = T.InterpolationMode.BICUBIC
+_PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def clean_caption(text: str, max_words: int = 50) -> str:
+    """LAVIS's `BlipCaptionProcessor.pre_caption`: lowercase, punctuation to spaces, collapse spaces, truncate.
+
+    Any whitespace run becomes one space (LAVIS keeps single tabs/newlines; the BERT tokenizer sees no
+    difference), so a caption of only whitespace and punctuation cleans to "".
+    """
+    words = _PUNCTUATION.sub(" ", text.lower()).split()
+    return " ".join(words[:max_words])
+
+
+def swap_left_right(caption: str) -> str:
+    """Swap the words "left" and "right": the caption of a horizontally flipped image."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
+
+
+class PairTransform:
+    """Image + caption preprocessing for training (`train=True`) or evaluation.
+
+    Training: RandomResizedCrop(image_size, scale=crop_scale, bicubic), a horizontal flip with probability 0.5
+    (`hflip`), ToTensor, Normalize(mean, std). A flip mirrors left and right, so captions that say where
+    things are become false; `flip_swaps_left_right=True` swaps the words "left" and "right" in the caption
+    whenever the image is flipped (use it, or `hflip=False`, for positional captions such as the synthetic
+    data's). Evaluation: bicubic resize to image_size x image_size, ToTensor, Normalize; captions unchanged.
+    Randomness comes from torch's generator, which DataLoader seeds per worker.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        train: bool,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+        hflip: bool = True,
+        flip_swaps_left_right: bool = False,
+        max_words: int = 50,
+    ) -> None:
+        self.hflip = train and hflip
+        self.flip_swaps_left_right = flip_swaps_left_right
+        self.max_words = max_words
+        if train:
+            self.resize = T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=BICUBIC)
+        else:
+            self.resize = T.Resize((image_size, image_size), interpolation=BICUBIC)
+        # ToTensor + Normalize in numpy, two passes into a preallocated CHW array: half the time of
+        # torchvision's at 224 px, and no per-sample torch ops, which in a main-process (num_workers=0)
+        # loader use, and on a busy machine wait for, torch's intra-op threads.
+        self.offset = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) * 255
+        self.scale = 1 / (np.asarray(std, dtype=np.float32).reshape(3, 1, 1) * 255)
+
+    @classmethod
+    def from_config(
+        cls, cfg: DataConfig, image_size: int, mean: Sequence[float], std: Sequence[float], *, train: bool
+    ) -> PairTransform:
+        """The training or evaluation transform that a DataConfig describes."""
+        return cls(
+            image_size,
+            mean,
+            std,
+            train=train,
+            crop_scale=cfg.crop_scale,
+            hflip=cfg.hflip,
+            flip_swaps_left_right=cfg.flip_swaps_left_right,
+            max_words=cfg.max_words,
+        )
+
+    def clean(self, caption: str) -> str:
+        """The caption as the model sees it, before any flip (empty means: skip the sample)."""
+        return clean_caption(caption, self.max_words)
+
+    def __call__(self, image: Image.Image, caption: str) -> tuple[torch.Tensor, str]:
+        """A normalised [3, image_size, image_size] tensor and the (possibly left/right-swapped) caption."""
+        image = self.resize(image)
+        if self.hflip and torch.rand(()) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.flip_swaps_left_right:
+                caption = swap_left_right(caption)
+        pixels = np.empty((3, image.height, image.width), dtype=np.float32)
+        np.subtract(np.asarray(image).transpose(2, 0, 1), self.offset, out=pixels)  # uint8 HWC view -> float CHW
+        pixels *= self.scale
+        return torch.from_numpy(pixels), caption

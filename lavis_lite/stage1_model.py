@@ -1,0 +1,204 @@
+"""The stage-1 BLIP-2 model: frozen image encoder -> ln_vision -> Q-Former, with ITC, ITM and ITG losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .distributed import gather_padded, gather_with_grad, world
+from .masks import build_attention_mask
+from .qformer import QFormer, load_bert_weights
+from .vision import build_vision_encoder
+
+KNOWN_LOSSES = ("itc", "itm", "itg")
+
+
+@dataclass
+class Stage1Output:
+    loss: Tensor
+    loss_itc: Optional[Tensor] = None
+    loss_itm: Optional[Tensor] = None
+    loss_itg: Optional[Tensor] = None
+
+
+class Blip2Stage1(nn.Module):
+    """BLIP-2's first stage (LAVIS `Blip2Qformer`): representation learning against a frozen image encoder.
+
+    Token ids follow the Q-Former tokenizer (`lavis_lite.tokenizer`): `[CLS]` first,
+    `bos_token_id` is `[DEC]`, which replaces `[CLS]` for the ITG pass.
+    """
+
+    def __init__(self, cfg: ModelConfig, bos_token_id: Optional[int] = None, pad_token_id: int = 0):
+        super().__init__()
+        unknown = sorted(set(cfg.losses) - set(KNOWN_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown loss {unknown} in losses={cfg.losses}: choose from {list(KNOWN_LOSSES)}")
+        self.cfg = cfg
+        self.bos_token_id = cfg.qformer.vocab_size - 1 if bos_token_id is None else bos_token_id
+        self.pad_token_id = pad_token_id
+        self.vision = build_vision_encoder(cfg.vision)
+        width = self.vision.width
+        self.ln_vision = nn.LayerNorm(width)
+        self.qformer = QFormer(cfg.qformer, encoder_width=width)
+        if cfg.qformer.bert:
+            load_bert_weights(self.qformer, cfg.qformer.bert)
+        hidden = cfg.qformer.hidden_size
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, hidden) * 0.02)
+        self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.text_proj = nn.Linear(hidden, cfg.embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(cfg.temperature))
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_tokens.shape[1]
+
+    # ---- inference building blocks -------------------------------------------------------------
+    def encode_image(self, images: Tensor) -> Tensor:
+        """Pixels [B,3,H,W] -> `ln_vision(frozen_encoder(images))` [B,N,C]."""
+        return self.ln_vision(self.vision(images))
+
+    def image_features(self, image_embeds: Tensor) -> tuple[Tensor, Tensor, list]:
+        """Query outputs [B,Q,D], their normalised projections [B,Q,E], and the queries' keys/values."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        query_out, key_values = self.qformer(query_embeds=queries, image_embeds=image_embeds)
+        return query_out, F.normalize(self.vision_proj(query_out), dim=-1), key_values
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Text outputs [B,T,D] (text-only pass) and the normalised projected `[CLS]` [B,E]."""
+        allowed = build_attention_mask("itc", 0, attention_mask)
+        text_out, _ = self.qformer(input_ids=input_ids, allowed=allowed)
+        return text_out, F.normalize(self.text_proj(text_out[:, 0]), dim=-1)
+
+    @staticmethod
+    def itc_similarity(image_feats: Tensor, text_feats: Tensor) -> Tensor:
+        """Cosine similarity [B_img, B_txt]: the best of the image's queries for each text."""
+        return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
+
+    def multimodal_features(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Query outputs [B,Q,D] of the joint (ITM, bi-directional) pass over image-text pairs."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        allowed = build_attention_mask("itm", self.num_queries, attention_mask)
+        joint, _ = self.qformer(query_embeds=queries, input_ids=input_ids, allowed=allowed, image_embeds=image_embeds)
+        return joint[:, : self.num_queries]
+
+    def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """ITM logits [B,2] (no match, match) for pairs (image_embeds[i], text i)."""
+        return self.itm_head(self.multimodal_features(image_embeds, input_ids, attention_mask)).mean(dim=1)
+
+    # ---- training --------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        images: Optional[Tensor] = None,
+        image_embeds: Optional[Tensor] = None,
+        sample_ids: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Stage1Output:
+        """The summed stage-1 losses for a batch of pairs.
+
+        Give `images` (pixels) or `image_embeds` (frozen encoder output before ln_vision, e.g.
+        from a feature cache). `sample_ids` marks pairs that share a caption or an image: pairs
+        with equal ids count as positives in ITC and are never drawn as ITM negatives.
+        Across processes every rank must hold the same batch size.
+        """
+        if image_embeds is None:
+            if images is None:
+                raise ValueError("give images (pixels) or image_embeds (frozen encoder tokens)")
+            image_embeds = self.vision(images)
+        image_embeds = self.ln_vision(image_embeds)
+        rank, _ = world()
+        batch = input_ids.shape[0]
+        if sample_ids is None:
+            sample_ids = torch.arange(batch, device=input_ids.device) + rank * batch
+        query_out, image_feats, query_key_values = self.image_features(image_embeds)
+        text_out, text_feat = self.text_features(input_ids, attention_mask)
+
+        image_feats_all = gather_with_grad(image_feats)
+        text_feat_all = gather_with_grad(text_feat)
+        ids_all = gather_with_grad(sample_ids)
+        positives = sample_ids[:, None] == ids_all[None, :]
+        sim_i2t = self.itc_similarity(image_feats, text_feat_all)
+        sim_t2i = self.itc_similarity(image_feats_all, text_feat).t()
+
+        losses: dict[str, Tensor] = {}
+        if "itc" in self.cfg.losses:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+            targets = positives.float() / positives.sum(dim=1, keepdim=True)
+            smoothing = self.cfg.itc_label_smoothing
+            losses["itc"] = (
+                F.cross_entropy(sim_i2t / self.temp, targets, label_smoothing=smoothing)
+                + F.cross_entropy(sim_t2i / self.temp, targets, label_smoothing=smoothing)
+            ) / 2
+        if "itm" in self.cfg.losses:
+            losses["itm"] = self._itm_loss(
+                image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, generator
+            )
+        if "itg" in self.cfg.losses:
+            losses["itg"] = self._itg_loss(input_ids, attention_mask, query_key_values)
+        return Stage1Output(
+            loss=sum(losses.values()),
+            loss_itc=losses.get("itc"),
+            loss_itm=losses.get("itm"),
+            loss_itg=losses.get("itg"),
+        )
+
+    def _itm_loss(
+        self,
+        image_embeds: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        sim_i2t: Tensor,
+        sim_t2i: Tensor,
+        positives: Tensor,
+        generator: Optional[torch.Generator],
+    ) -> Tensor:
+        """ITM over B positives, B hard-negative images and B hard-negative texts from the global batch."""
+        image_embeds_all = gather_with_grad(image_embeds)
+        input_ids_all = gather_padded(input_ids, self.pad_token_id)
+        attention_mask_all = gather_padded(attention_mask, 0)
+        with torch.no_grad():
+            neg_image = _sample_negatives(sim_t2i / self.temp, positives, generator)
+            neg_text = _sample_negatives(sim_i2t / self.temp, positives, generator)
+        text_len = max(input_ids.shape[1], input_ids_all.shape[1])
+        ids = [F.pad(t, (0, text_len - t.shape[1]), value=self.pad_token_id) for t in (input_ids, input_ids_all)]
+        masks = [F.pad(t, (0, text_len - t.shape[1]), value=0) for t in (attention_mask, attention_mask_all)]
+        pair_ids = torch.cat([ids[0], ids[0], ids[1][neg_text]])
+        pair_mask = torch.cat([masks[0], masks[0], masks[1][neg_text]])
+        pair_images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])
+        logits = self.itm_logits(pair_images, pair_ids, pair_mask)
+        batch = input_ids.shape[0]
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def _itg_loss(self, input_ids: Tensor, attention_mask: Tensor, query_key_values: list) -> Tensor:
+        """Causal LM loss on the text, attending to the image pass's query keys/values."""
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.bos_token_id
+        labels = decoder_ids.masked_fill(attention_mask == 0, -100)
+        allowed = build_attention_mask("itg", self.num_queries, attention_mask)[:, :, self.num_queries :]
+        text_out, _ = self.qformer(input_ids=decoder_ids, allowed=allowed, prefix=query_key_values)
+        logits = self.qformer.lm_logits(text_out[:, :-1])
+        return F.cross_entropy(
+            logits.flatten(0, 1),
+            labels[:, 1:].flatten(),
+            ignore_index=-100,
+            label_smoothing=self.cfg.itg_label_smoothing,
+        )
+
+
+def _sample_negatives(logits: Tensor, positives: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """One index per row drawn with probability softmax(logits) over the non-positive columns."""
+    logits = logits.float().masked_fill(positives, float("-inf"))
+    # A row whose every column is a positive has no negative: fall back to uniform.
+    no_negative = positives.all(dim=1, keepdim=True)
+    logits = torch.where(no_negative, torch.zeros_like(logits), logits)
+    probs = logits.softmax(dim=1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,16 @@
+"""The Q-Former's tokenizer: a BERT WordPiece tokenizer plus the `[DEC]` bos token that starts ITG text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def build_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a local BERT tokenizer and add `[DEC]` as its bos token."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path} (set qformer.tokenizer or qformer.bert)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), truncation_side="right")
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer

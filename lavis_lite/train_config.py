@@ -1,0 +1,37 @@
+"""Configuration of the shared training loop (both stages)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay (LAVIS's BLIP-2 recipe by default)."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 5000
+    weight_decay: float = 0.05  # not applied to norms, biases and the temperature (parameters with < 2 dims)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    grad_clip: Optional[float] = 1.0  # max gradient norm; None disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """Step-based schedule, precision, logging, evaluation and checkpointing."""
+
+    output_dir: str = "runs/stage1"
+    steps: int = 250_000
+    grad_accum: int = 1
+    precision: str = "bf16"  # no | fp16 | bf16 (autocast; bf16 also uses the AMX units of recent CPUs)
+    seed: int = 42
+    log_every: int = 50
+    eval_every: int = 5000  # 0: evaluate only at the end
+    save_every: int = 5000
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 50  # abort after this many consecutive steps with a non-finite loss
+    time_limit_minutes: Optional[float] = None  # stop (after a checkpoint) once training has run this long
+    optim: OptimConfig = field(default_factory=OptimConfig)

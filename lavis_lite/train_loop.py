@@ -1,0 +1,294 @@
+"""The one training loop (stage 1 and stage 2): accelerate, AdamW + warm-up/cosine, checkpoints, resume, logs.
+
+The data source is a function `batches(micro_step) -> iterator of batches` positioned at a micro-step,
+so that a resumed run continues the data stream where the checkpoint left it. Batches are not passed
+through `accelerator.prepare` (webdataset shards by node/worker itself; sharding twice would drop data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+import torch.distributed as dist
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_training_state,
+    load_trainable_state_dict,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .plots import plot_loss_curve
+from .train_config import OptimConfig, TrainConfig
+
+log = logging.getLogger("lavis_lite.train")
+
+LossFn = Callable[[nn.Module, dict], dict[str, Tensor]]  # returns {"loss": total, <part>: value, ...}
+BatchSource = Callable[[int], Iterator[dict]]
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+
+class BatchObserver(Protocol):
+    """Sees every batch before the model (e.g. counts skipped samples); its state is checkpointed."""
+
+    def update(self, batch: dict) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    step: int
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    nonfinite_steps: int = 0
+    train_seconds: float = 0.0
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: norms, biases and the temperature (< 2 dims) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of `lr`: linear warm-up from 0, then cosine down to `min_lr` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        floor = optim.min_lr / optim.lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("lavis_lite")
+    root.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == handler.baseFilename for h in root.handlers):
+        root.addHandler(handler)
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: BatchSource,
+    evaluate: Optional[Evaluate] = None,
+    run_config: Any = None,
+    resume: bool = False,
+    observer: Optional[BatchObserver] = None,
+    find_unused_parameters: bool = False,
+) -> TrainResult:
+    """Train `model` for `cfg.steps` optimizer steps; returns the final step and evaluation metrics.
+
+    `evaluate` runs on the main process every `cfg.eval_every` steps and at the end; `run_config`
+    is saved with each checkpoint; `resume` continues from the run directory's latest checkpoint.
+    """
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        mixed_precision=cfg.precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+    _setup_logging(run_dir, accelerator.is_main_process)
+    set_seed(cfg.seed + accelerator.process_index)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+    )
+    # Stepped by hand, once per optimizer step: accelerate's prepared scheduler steps once per process.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.steps))
+
+    start_step, nonfinite_total = 0, 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir)
+    if checkpoint is not None:
+        load_trainable_state_dict(model, load_weights(checkpoint), str(checkpoint))
+        state = load_training_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
+        start_step, nonfinite_total = state["step"], state["nonfinite_steps"]
+        if observer is not None and state.get("observer") is not None:
+            observer.load_state_dict(state["observer"])
+        log.info("resumed from %s at step %d", checkpoint, start_step)
+        _truncate_history(run_dir / "metrics.jsonl", start_step)
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
+    stream = batches(start_step * cfg.grad_accum)
+    progress = tqdm(
+        total=cfg.steps, initial=start_step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
+    )
+    started, consecutive_nonfinite, window, window_start = time.time(), 0, [], time.time()
+    metrics: dict[str, float] = {}
+    step = start_step
+
+    def checkpoint_now() -> None:
+        states = [rng_state()]
+        if accelerator.num_processes > 1:
+            states = [None] * accelerator.num_processes
+            dist.all_gather_object(states, rng_state())
+        if accelerator.is_main_process:
+            save_checkpoint(
+                run_dir,
+                step,
+                unwrapped,
+                {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": states,
+                    "nonfinite_steps": nonfinite_total,
+                    "observer": observer.state_dict() if observer is not None else None,
+                },
+                run_config if run_config is not None else cfg,
+                keep=cfg.keep_checkpoints,
+            )
+        accelerator.wait_for_everyone()
+
+    while step < cfg.steps:
+        model.train()
+        parts: dict[str, float] = {}
+        poisoned = False
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(next(stream), accelerator.device)
+            if observer is not None:
+                observer.update(batch)
+            sync = micro == cfg.grad_accum - 1
+            with (accelerator.no_sync(model) if not sync else contextlib.nullcontext()), accelerator.autocast():
+                losses = loss_fn(model, batch)
+            loss = losses["loss"]
+            finite = torch.isfinite(loss.detach()).float()
+            if accelerator.num_processes > 1:
+                finite = accelerator.reduce(finite, reduction="min")
+            if finite.item() < 1:
+                poisoned = True
+                continue
+            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                accelerator.backward(loss / cfg.grad_accum)
+            for name, value in losses.items():
+                parts[name] = parts.get(name, 0.0) + value.item() / cfg.grad_accum
+        if poisoned:
+            nonfinite_total += 1
+            consecutive_nonfinite += 1
+            log.warning("step %d: non-finite loss, update skipped (%d so far)", step, nonfinite_total)
+            if consecutive_nonfinite >= cfg.max_nonfinite:
+                raise RuntimeError(
+                    f"{consecutive_nonfinite} consecutive steps had a non-finite loss: lower train.optim.lr, "
+                    "use train.precision=bf16 instead of fp16, or check the data"
+                )
+        else:
+            consecutive_nonfinite = 0
+            if cfg.optim.grad_clip is not None:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        progress.update(1)
+        if parts:
+            window.append(parts)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            record = _log_window(window, step, scheduler.get_last_lr()[0], time.time() - window_start)
+            window, window_start = [], time.time()
+            if accelerator.is_main_process and record:
+                progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "itc", "itm", "itg")})
+                _append_history(run_dir / "metrics.jsonl", record)
+                for key, value in record.items():
+                    if key != "step":
+                        writer.add_scalar(f"train/{key}", value, step)
+                plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        out_of_time = cfg.time_limit_minutes is not None and (time.time() - started) / 60 >= cfg.time_limit_minutes
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            checkpoint_now()
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            metrics = _evaluate(evaluate, unwrapped, accelerator, writer, step, run_dir)
+        if out_of_time:
+            log.warning("time limit of %.1f min reached at step %d; stopping", cfg.time_limit_minutes, step)
+            break
+    progress.close()
+    train_seconds = time.time() - started
+    if evaluate is not None:
+        metrics = _evaluate(evaluate, unwrapped, accelerator, writer, step, run_dir)
+    if writer is not None:
+        writer.close()
+    accelerator.end_training()
+    return TrainResult(step, run_dir, metrics, nonfinite_total, train_seconds)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _log_window(window: list[dict[str, float]], step: int, lr: float, seconds: float) -> dict[str, float]:
+    """Mean of each loss over the steps since the last log line, with lr and step time."""
+    if not window:
+        return {}
+    record = {key: sum(w.get(key, 0.0) for w in window) / len(window) for key in window[0]}
+    record.update(step=step, lr=lr, seconds_per_step=seconds / len(window))
+    log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+    return record
+
+
+def _append_history(path: Path, record: dict[str, float]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint a run resumes from."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _evaluate(evaluate: Evaluate, model: nn.Module, accelerator: Accelerator, writer, step: int, run_dir: Path) -> dict:
+    """Evaluate on the main process (others wait); write metrics.json atomically and to TensorBoard."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        model.eval()
+        with torch.no_grad(), accelerator.autocast():
+            metrics = evaluate(model)
+        metrics = {"step": step, **metrics}
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "step":
+                writer.add_scalar(f"eval/{key}", value, step)
+        log.info("eval at step %d: %s", step, json.dumps(metrics))
+    accelerator.wait_for_everyone()
+    return metrics

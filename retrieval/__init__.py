@@ -1,0 +1,1 @@
+"""Retrieval: FAISS index building, search and evaluation."""

@@ -1,0 +1,46 @@
+"""Held-out retrieval of a stage-1 model: recall@1/5/10 both ways, ITC ranking with optional ITM re-ranking."""
+
+from __future__ import annotations
+
+import torch
+
+from lavis_lite.retrieval_metrics import rerank_top_k, retrieval_recall
+from lavis_lite.stage1_model import Blip2Stage1
+
+from .config import EvalConfig
+from .data import HeldOut
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: Blip2Stage1, tokenizer, held: HeldOut, cfg: EvalConfig, max_text_len: int) -> dict:
+    """Metrics as fractions in [0, 1] (`t2i_r1`, ..., `i2t_r10`, `*_r1_caption`), plus chance levels."""
+    device = model.query_tokens.device
+    image_embeds, image_feats, text_feats = [], [], []
+    for chunk in held.tokens():
+        embeds = model.ln_vision(chunk.to(device))
+        image_feats.append(model.image_features(embeds)[1].float())
+        if cfg.itm_rerank_k:
+            image_embeds.append(embeds)
+    for start in range(0, len(held.captions), cfg.batch_size):
+        batch = tokenizer(
+            held.captions[start : start + cfg.batch_size],
+            padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt",
+        ).to(device)
+        text_feats.append(model.text_features(batch.input_ids, batch.attention_mask)[1].float())
+    sim = model.itc_similarity(torch.cat(image_feats), torch.cat(text_feats)).cpu()
+    count = sim.shape[0]
+    pairs = [[i] for i in range(count)], list(range(count))
+    metrics = retrieval_recall(sim, *pairs, captions=held.captions)
+    if cfg.itm_rerank_k:
+        embeds = torch.cat(image_embeds)
+        flat = tokenizer(held.captions, padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt").to(device)
+
+        def itm(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+            logits = model.itm_logits(embeds[images.to(device)], flat.input_ids[texts.to(device)], flat.attention_mask[texts.to(device)])
+            return logits[:, 1].float().cpu()
+
+        i2t, t2i = rerank_top_k(sim, cfg.itm_rerank_k, itm)
+        reranked = retrieval_recall(i2t, *pairs, sim_t2i=t2i, captions=held.captions)
+        metrics.update({f"itm_{k}": v for k, v in reranked.items()})
+    metrics.update(count=count, chance_r1=1 / count, chance_r5=min(1.0, 5 / count))
+    return metrics

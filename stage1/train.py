@@ -1,0 +1,74 @@
+"""Stage-1 training: `python -m stage1.train [--config YAML] [--resume] [key=value ...]`.
+
+Trains the Q-Former against the frozen image encoder with ITC + ITM + ITG, evaluates held-out
+retrieval, and leaves in `train.output_dir`: checkpoints/, metrics.json, metrics.jsonl, loss_curve.png,
+train.log and tensorboard/. Multi-process: `accelerate launch --num_processes N -m stage1.train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from lavis_lite.config import ConfigError
+from lavis_lite.data import SkipCounter
+from lavis_lite.factory import create_model
+from lavis_lite.train_loop import train
+
+from .config import Stage1Config, load_stage1_config
+from .data import held_out, training_batches
+from .evaluate import evaluate_retrieval
+from .objective import stage1_loss
+
+DEFAULT_CONFIG = "configs/stage1/demo.yaml"
+log = logging.getLogger("lavis_lite.stage1")
+
+
+def run(cfg: Stage1Config, resume: bool = False) -> dict:
+    """Train and evaluate; returns the final metrics (also in `<output_dir>/metrics.json`)."""
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = create_model(cfg.model)
+    if tokenizer is None:
+        raise ConfigError("stage 1 needs a tokenizer: set model.qformer.bert (or model.qformer.tokenizer)")
+    skipped = SkipCounter()
+    batches = training_batches(cfg, model, tokenizer, skipped)
+    held = held_out(cfg, model, tokenizer, skipped)
+    result = train(
+        cfg.train,
+        model,
+        stage1_loss,
+        batches,
+        evaluate=lambda m: evaluate_retrieval(m, tokenizer, held, cfg.eval, cfg.model.max_text_len),
+        run_config=cfg,
+        resume=resume,
+        observer=skipped,
+        find_unused_parameters=set(cfg.model.losses) != {"itc", "itm", "itg"},
+    )
+    log.info("data: %s", skipped.summary())
+    metrics = {**result.metrics, "train_minutes": result.train_seconds / 60, "skipped": skipped.as_dict()}
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"stage-1 recipe (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.batch_size=64")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_stage1_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics = run(cfg, resume=args.resume)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""A Q-Former initialised from a local BERT checkpoint reproduces that BERT on text, and the tokenizer gains [DEC]."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from lavis_lite import create_model
+from conftest import redraw_, tiny_config
+
+WORDS = ["a", "red", "blue", "circle", "square", "small", "big", "on", "the", "left", "right", "of"]
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab=str(path / "vocab.txt")).save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    bert = BertModel(config, add_pooling_layer=False)
+    redraw_(bert, seed=7)
+    bert.save_pretrained(path)
+    return path
+
+
+def test_qformer_text_pass_equals_bert(bert_dir):
+    cfg = tiny_config(f"qformer.bert={bert_dir}", f"qformer.vocab_size={len(WORDS) + 6}")
+    model, tokenizer = create_model(cfg)
+    model.eval()
+    assert tokenizer.bos_token == "[DEC]" and tokenizer.bos_token_id == len(WORDS) + 5 == model.bos_token_id
+    batch = tokenizer(["a red circle on the left", "the big blue square"], padding=True, return_tensors="pt")
+    bert = BertModel.from_pretrained(bert_dir, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        expected = bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        text_out, _ = model.text_features(batch.input_ids, batch.attention_mask)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(text_out[real], expected[real], atol=1e-5, rtol=0)
+    for layer in model.qformer.layers:
+        for a, b in zip(layer.ffn_query.parameters(), layer.ffn_text.parameters()):
+            assert torch.equal(a, b), "query FFN starts as a copy of the text FFN"
+
+
+def test_mismatched_bert_is_named(bert_dir):
+    with pytest.raises(ValueError, match="qformer.hidden_size=64 but .* has 32"):
+        create_model(tiny_config(f"qformer.bert={bert_dir}", "qformer.vocab_size=18", "qformer.hidden_size=64"))
+    with pytest.raises(ValueError, match="set qformer.vocab_size=18"):
+        create_model(tiny_config(f"qformer.bert={bert_dir}", "qformer.vocab_size=100"))
+    with pytest.raises(FileNotFoundError, match="tokenizer directory not found: .*missing"):
+        create_model(tiny_config(f"qformer.bert={bert_dir / 'missing'}"))
+    empty = bert_dir.parent / "empty"
+    empty.mkdir(exist_ok=True)
+    with pytest.raises(FileNotFoundError, match="has no config.json: point it at a BertModel directory"):
+        create_model(tiny_config(f"qformer.bert={empty}", f"qformer.tokenizer={bert_dir}", "qformer.vocab_size=18"))

@@ -1,0 +1,48 @@
+"""Configs: YAML + overrides merge onto the schema; unknown keys and bad values are named."""
+
+import pytest
+
+from lavis_lite import ConfigError, ModelConfig, create_model, load_model_config, merge_config
+
+
+def test_yaml_and_overrides_merge():
+    cfg = load_model_config("tiny", ["qformer.num_layers=2", "losses=[itc]"])
+    assert isinstance(cfg, ModelConfig)
+    assert cfg.qformer.num_layers == 2 and cfg.losses == ["itc"] and cfg.vision.kind == "vit"
+
+
+@pytest.mark.parametrize(
+    "source, overrides, message",
+    [
+        ({"qformer": {"num_layer": 3}}, [], "unknown config key 'qformer.num_layer' in config dict; did you mean 'qformer.num_layers'"),
+        ({}, ["vison.width=3"], "unknown config key 'vison' in override 'vison.width'; did you mean 'vision'"),
+        ({}, ["embed_dims=128"], "did you mean 'embed_dim'"),
+        ({}, ["qformer.num_layers=many"], "bad value for config key 'qformer.num_layers'"),
+        ({}, ["qformer.num_layers"], "not of the form key=value"),
+    ],
+)
+def test_bad_keys_are_named(source, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        merge_config(ModelConfig, [source], overrides)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("vision:\n  kind: vit\n  widht: 64\n")
+    with pytest.raises(ConfigError, match=f"unknown config key 'vision.widht' in {path}; did you mean 'vision.width'"):
+        load_model_config(path)
+
+
+def test_unknown_config_name():
+    with pytest.raises(ConfigError, match="no model config 'vitg'.*blip2-stage1-vitg"):
+        load_model_config("vitg")
+
+
+def test_every_shipped_model_config_loads():
+    for name in ("tiny", "blip2-stage1-vitg"):
+        assert isinstance(load_model_config(name), ModelConfig)
+
+
+def test_factory_builds_from_name():
+    model, tokenizer = create_model("tiny", ["qformer.num_layers=2"])
+    assert tokenizer is None and len(model.qformer.layers) == 2
