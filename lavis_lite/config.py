@@ -62,6 +62,10 @@ class ModelConfig:
     losses: list[str] = field(default_factory=lambda: ["itc", "itm", "itg"])
     itc_label_smoothing: float = 0.1
     itg_label_smoothing: float = 0.1
+    # Share of each local batch (its first pairs) that ITM and ITG are computed on; ITC always sees all of it
+    # and ITM negatives are still drawn from the whole global batch. 1.0 is BLIP-2; lower it where compute is
+    # scarce (ITM's joint pass over 3B pairs costs ~3x the ITC passes).
+    itm_itg_batch_fraction: float = 1.0
 
 
 class ConfigError(ValueError):

@@ -128,6 +128,7 @@ class Blip2Stage1(nn.Module):
         sim_t2i = self.itc_similarity(image_feats_all, text_feat).t()
 
         losses: dict[str, Tensor] = {}
+        aux = max(1, round(batch * self.cfg.itm_itg_batch_fraction))
         if "itc" in self.cfg.losses:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
@@ -139,10 +140,11 @@ class Blip2Stage1(nn.Module):
             ) / 2
         if "itm" in self.cfg.losses:
             losses["itm"] = self._itm_loss(
-                image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, generator
+                image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, generator, aux
             )
         if "itg" in self.cfg.losses:
-            losses["itg"] = self._itg_loss(input_ids, attention_mask, query_key_values)
+            query_key_values = [(k[:aux], v[:aux]) for k, v in query_key_values]
+            losses["itg"] = self._itg_loss(input_ids[:aux], attention_mask[:aux], query_key_values)
         return Stage1Output(
             loss=sum(losses.values()),
             loss_itc=losses.get("itc"),
@@ -159,14 +161,16 @@ class Blip2Stage1(nn.Module):
         sim_t2i: Tensor,
         positives: Tensor,
         generator: Optional[torch.Generator],
+        count: int,
     ) -> Tensor:
-        """ITM over B positives, B hard-negative images and B hard-negative texts from the global batch."""
+        """ITM over `count` positives, as many hard-negative images and texts drawn from the global batch."""
         image_embeds_all = gather_with_grad(image_embeds)
         input_ids_all = gather_padded(input_ids, self.pad_token_id)
         attention_mask_all = gather_padded(attention_mask, 0)
+        image_embeds, input_ids, attention_mask = image_embeds[:count], input_ids[:count], attention_mask[:count]
         with torch.no_grad():
-            neg_image = _sample_negatives(sim_t2i / self.temp, positives, generator)
-            neg_text = _sample_negatives(sim_i2t / self.temp, positives, generator)
+            neg_image = _sample_negatives(sim_t2i[:count] / self.temp, positives[:count], generator)
+            neg_text = _sample_negatives(sim_i2t[:count] / self.temp, positives[:count], generator)
         text_len = max(input_ids.shape[1], input_ids_all.shape[1])
         ids = [F.pad(t, (0, text_len - t.shape[1]), value=self.pad_token_id) for t in (input_ids, input_ids_all)]
         masks = [F.pad(t, (0, text_len - t.shape[1]), value=0) for t in (attention_mask, attention_mask_all)]
@@ -182,16 +186,12 @@ class Blip2Stage1(nn.Module):
         """Causal LM loss on the text, attending to the image pass's query keys/values."""
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.bos_token_id
-        labels = decoder_ids.masked_fill(attention_mask == 0, -100)
         allowed = build_attention_mask("itg", self.num_queries, attention_mask)[:, :, self.num_queries :]
         text_out, _ = self.qformer(input_ids=decoder_ids, allowed=allowed, prefix=query_key_values)
-        logits = self.qformer.lm_logits(text_out[:, :-1])
-        return F.cross_entropy(
-            logits.flatten(0, 1),
-            labels[:, 1:].flatten(),
-            ignore_index=-100,
-            label_smoothing=self.cfg.itg_label_smoothing,
-        )
+        # Position t predicts token t+1; the vocabulary projection runs on real (non-padding) targets only.
+        predicts = attention_mask[:, 1:].bool()
+        logits = self.qformer.lm_logits(text_out[:, :-1][predicts])
+        return F.cross_entropy(logits, decoder_ids[:, 1:][predicts], label_smoothing=self.cfg.itg_label_smoothing)
 
 
 def _sample_negatives(logits: Tensor, positives: Tensor, generator: Optional[torch.Generator]) -> Tensor:

@@ -26,7 +26,7 @@ class TrainConfig:
     output_dir: str = "runs/stage1"
     steps: int = 250_000
     grad_accum: int = 1
-    precision: str = "bf16"  # no | fp16 | bf16 (autocast; bf16 also uses the AMX units of recent CPUs)
+    precision: str = "auto"  # auto | no | fp16 | bf16 (autocast); auto: bf16 where the device runs it natively
     seed: int = 42
     log_every: int = 50
     eval_every: int = 5000  # 0: evaluate only at the end

@@ -84,6 +84,29 @@ def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float
     return factor
 
 
+def resolve_precision(precision: str) -> str:
+    """"auto": bf16 on GPUs that support it (else fp16); on CPUs bf16 only where it is natively fast.
+
+    CPUs without AVX-512-BF16/AMX emulate bf16 matmuls ~100x slower than fp32, so a short probe decides.
+    """
+    if precision != "auto":
+        if precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"train.precision='{precision}' is not one of auto, no, fp16, bf16")
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+    def rate(dtype: torch.dtype) -> float:
+        a = torch.randn(256, 256).to(dtype)
+        a @ a
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        return 1 / (time.perf_counter() - start)
+
+    return "bf16" if rate(torch.bfloat16) > 1.5 * rate(torch.float32) else "no"
+
+
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
     if not is_main:
         return
@@ -113,11 +136,14 @@ def train(
     """
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(cfg.precision)
     accelerator = Accelerator(
-        mixed_precision=cfg.precision,
+        cpu=not torch.cuda.is_available(),  # without it, accelerate treats CPU processes as independent runs
+        mixed_precision=precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
     _setup_logging(run_dir, accelerator.is_main_process)
+    log.info("precision: %s (train.precision=%s), %d process(es)", precision, cfg.precision, accelerator.num_processes)
     set_seed(cfg.seed + accelerator.process_index)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps

@@ -78,6 +78,11 @@ class FrozenVisionEncoder(nn.Module):
     def _tokens(self, images: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def traceable(self) -> bool:
+        """Whether `torch.jit.trace` captures this encoder for any batch size (CNNs; ViTs bake it in)."""
+        return False
+
     def num_tokens(self, image_size: int) -> int:
         """Number of tokens N for a square image of side `image_size`."""
         raise NotImplementedError
@@ -211,6 +216,10 @@ class TimmEncoder(FrozenVisionEncoder):
         self.block_tokens = block_tokens
         if not block_tokens:  # CNNs: channels-last convolutions measured 1.6x faster on CPU (EfficientNet-Lite0)
             self.trunk.to(memory_format=torch.channels_last)
+
+    @property
+    def traceable(self) -> bool:
+        return not self.block_tokens
 
     def _tokens(self, images: Tensor) -> Tensor:
         if self.block_tokens:

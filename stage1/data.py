@@ -58,7 +58,7 @@ def _cache(cfg: Stage1Config, model: Blip2Stage1, tokenizer, shards: str, split:
         loader = _loader(cfg, model, tokenizer, shards, train=False, resampled=False)
         image_size = cfg.model.vision.image_size
         encoder = model.vision
-        if cfg.data.trace_encoder and not any(p.is_cuda for p in encoder.parameters()):
+        if cfg.data.trace_encoder and encoder.traceable and not any(p.is_cuda for p in encoder.parameters()):
             encoder = trace_encoder(encoder, torch.randn(2, 3, image_size, image_size))
         build_feature_cache(encoder, loader, root, fingerprint, skipped=skipped)
     if size > 1:

@@ -13,6 +13,7 @@ import logging
 import sys
 
 import torch
+from accelerate import PartialState
 
 from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
@@ -30,6 +31,7 @@ log = logging.getLogger("lavis_lite.stage1")
 
 def run(cfg: Stage1Config, resume: bool = False) -> dict:
     """Train and evaluate; returns the final metrics (also in `<output_dir>/metrics.json`)."""
+    PartialState(cpu=not torch.cuda.is_available())  # joins the process group before data is split by rank
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = create_model(cfg.model)
     if tokenizer is None:
@@ -67,7 +69,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     metrics = run(cfg, resume=args.resume)
     print(json.dumps(metrics, indent=2))
+    print(recall_table(metrics))
     return 0
+
+
+def recall_table(metrics: dict) -> str:
+    """Held-out recall next to chance, as a few readable lines."""
+    if "t2i_r1" not in metrics:
+        return "no evaluation ran"
+    lines = [f"held-out retrieval, {metrics['count']} pairs, after {metrics['step']} steps "
+             f"({metrics['train_minutes']:.1f} min of training):"]
+    lines.append(f"{'':<16}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'R@1 (same caption)':>21}")
+    for direction, name in (("t2i", "text -> image"), ("i2t", "image -> text")):
+        row = "".join(f"{100 * metrics[f'{direction}_r{k}']:>7.1f}%" for k in (1, 5, 10))
+        lines.append(f"{name:<16}{row}{100 * metrics[f'{direction}_r1_caption']:>20.1f}%")
+    lines.append(f"{'chance':<16}{100 * metrics['chance_r1']:>7.1f}%{100 * metrics['chance_r5']:>7.1f}%"
+                 f"{100 * min(1.0, 10 / metrics['count']):>7.1f}%")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
