@@ -75,9 +75,8 @@ def main() -> None:
         encoder_hidden_size=model.vision.width, use_qformer_text_input=True,
         hidden_dropout_prob=q.dropout, attention_probs_dropout_prob=q.attention_dropout,
     )).train()
-    queries = model.query_tokens.expand(batch, -1, -1)
-    text = model.qformer.embeddings.word(ids)
-    joint_mask = torch.cat([torch.ones(batch, queries.shape[1], dtype=torch.long), mask], dim=1)
+    num_queries = model.num_queries
+    joint_mask = torch.cat([torch.ones(batch, num_queries, dtype=torch.long), mask], dim=1)
 
     def ours():
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -86,9 +85,10 @@ def main() -> None:
 
     def theirs():
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = hf(query_embeds=torch.cat([queries, text], 1), query_length=queries.shape[1],
-                     attention_mask=joint_mask, encoder_hidden_states=image_embeds).last_hidden_state
-        out[:, : queries.shape[1]].float().mean().backward()
+            embeds = torch.cat([model.query_tokens.expand(batch, -1, -1), model.qformer.embeddings.word(ids)], 1)
+            out = hf(query_embeds=embeds, query_length=num_queries, attention_mask=joint_mask,
+                     encoder_hidden_states=image_embeds).last_hidden_state
+        out[:, :num_queries].float().mean().backward()
 
     t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
     print(f"stage-1 step, {args.config}: batch {batch}, {q.num_query_tokens} queries, {tokens} image tokens, "

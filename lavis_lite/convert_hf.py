@@ -12,38 +12,46 @@ from .config import ModelConfig
 # Our keys that the HF retrieval layout has no place for: the ITG head and the temperature.
 NOT_IN_HF = re.compile(r"^(temp|qformer\.lm_head\..*)$")
 
-_RENAMES = [  # (ours, HF), applied as prefix/regex rewrites; fused projections are handled below
-    (r"^vision\.trunk\.", "vision_model."),
-    (r"^ln_vision\.", "vision_model.post_layernorm."),
-    (r"^qformer\.embeddings\.word\.", "embeddings.word_embeddings."),
-    (r"^qformer\.embeddings\.position\.", "embeddings.position_embeddings."),
-    (r"^qformer\.embeddings\.norm\.", "qformer.layernorm."),
-    (r"^qformer\.layers\.(\d+)\.self_attn\.out\.", r"qformer.encoder.layer.\1.attention.output.dense."),
-    (r"^qformer\.layers\.(\d+)\.self_attn\.norm\.", r"qformer.encoder.layer.\1.attention.output.LayerNorm."),
-    (r"^qformer\.layers\.(\d+)\.cross_attn\.q\.", r"qformer.encoder.layer.\1.crossattention.attention.query."),
-    (r"^qformer\.layers\.(\d+)\.cross_attn\.out\.", r"qformer.encoder.layer.\1.crossattention.output.dense."),
-    (r"^qformer\.layers\.(\d+)\.cross_attn\.norm\.", r"qformer.encoder.layer.\1.crossattention.output.LayerNorm."),
-    (r"^qformer\.layers\.(\d+)\.ffn_text\.fc1\.", r"qformer.encoder.layer.\1.intermediate.dense."),
-    (r"^qformer\.layers\.(\d+)\.ffn_text\.fc2\.", r"qformer.encoder.layer.\1.output.dense."),
-    (r"^qformer\.layers\.(\d+)\.ffn_text\.norm\.", r"qformer.encoder.layer.\1.output.LayerNorm."),
-    (r"^qformer\.layers\.(\d+)\.ffn_query\.fc1\.", r"qformer.encoder.layer.\1.intermediate_query.dense."),
-    (r"^qformer\.layers\.(\d+)\.ffn_query\.fc2\.", r"qformer.encoder.layer.\1.output_query.dense."),
-    (r"^qformer\.layers\.(\d+)\.ffn_query\.norm\.", r"qformer.encoder.layer.\1.output_query.LayerNorm."),
-    (r"^vision_proj\.", "vision_projection."),
-    (r"^text_proj\.", "text_projection."),
-    (r"^(itm_head|query_tokens)", r"\1"),
+# (ours, HF) key prefixes; "{n}" is a layer index. Order matters: the first match wins, in both directions.
+_PREFIXES = [
+    ("ln_vision.", "vision_model.post_layernorm."),
+    ("vision.trunk.", "vision_model."),
+    ("qformer.embeddings.word.", "embeddings.word_embeddings."),
+    ("qformer.embeddings.position.", "embeddings.position_embeddings."),
+    ("qformer.embeddings.norm.", "qformer.layernorm."),
+    ("qformer.layers.{n}.self_attn.out.", "qformer.encoder.layer.{n}.attention.output.dense."),
+    ("qformer.layers.{n}.self_attn.norm.", "qformer.encoder.layer.{n}.attention.output.LayerNorm."),
+    ("qformer.layers.{n}.cross_attn.q.", "qformer.encoder.layer.{n}.crossattention.attention.query."),
+    ("qformer.layers.{n}.cross_attn.out.", "qformer.encoder.layer.{n}.crossattention.output.dense."),
+    ("qformer.layers.{n}.cross_attn.norm.", "qformer.encoder.layer.{n}.crossattention.output.LayerNorm."),
+    ("qformer.layers.{n}.ffn_text.fc1.", "qformer.encoder.layer.{n}.intermediate.dense."),
+    ("qformer.layers.{n}.ffn_text.fc2.", "qformer.encoder.layer.{n}.output.dense."),
+    ("qformer.layers.{n}.ffn_text.norm.", "qformer.encoder.layer.{n}.output.LayerNorm."),
+    ("qformer.layers.{n}.ffn_query.fc1.", "qformer.encoder.layer.{n}.intermediate_query.dense."),
+    ("qformer.layers.{n}.ffn_query.fc2.", "qformer.encoder.layer.{n}.output_query.dense."),
+    ("qformer.layers.{n}.ffn_query.norm.", "qformer.encoder.layer.{n}.output_query.LayerNorm."),
+    ("vision_proj.", "vision_projection."),
+    ("text_proj.", "text_projection."),
+    ("itm_head.", "itm_head."),
+    ("query_tokens", "query_tokens"),
 ]
-# Fused projections: ours -> the HF names of its equal-sized chunks, in order.
+# Our fused projections, and the HF prefixes of their equal-sized chunks in order.
 _FUSED = [
-    (r"^qformer\.layers\.(\d+)\.self_attn\.qkv\.(weight|bias)$", r"qformer.encoder.layer.\1.attention.attention.{}.\2", ("query", "key", "value")),
-    (r"^qformer\.layers\.(\d+)\.cross_attn\.kv\.(weight|bias)$", r"qformer.encoder.layer.\1.crossattention.attention.{}.\2", ("key", "value")),
+    ("qformer.layers.{n}.self_attn.qkv.", [f"qformer.encoder.layer.{{n}}.attention.attention.{p}." for p in ("query", "key", "value")]),
+    ("qformer.layers.{n}.cross_attn.kv.", [f"qformer.encoder.layer.{{n}}.crossattention.attention.{p}." for p in ("key", "value")]),
 ]
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + re.escape(template).replace(re.escape("{n}"), r"(?P<n>\d+)"))
 
 
 def _rename(key: str, table: list[tuple[str, str]]) -> str | None:
-    for pattern, replacement in table:
-        if re.match(pattern, key):
-            return re.sub(pattern, replacement, key)
+    """Rewrite the first matching (source, target) prefix template; None when none matches."""
+    for source, target in table:
+        match = _pattern(source).match(key)
+        if match:
+            return target.format(**match.groupdict()) + key[match.end() :]
     return None
 
 
@@ -56,14 +64,14 @@ def to_hf_retrieval(state: dict[str, Tensor]) -> dict[str, Tensor]:
     for key, value in state.items():
         if NOT_IN_HF.match(key):
             continue
-        for pattern, template, parts in _FUSED:
-            match = re.match(pattern, key)
+        for fused, parts in _FUSED:
+            match = _pattern(fused).match(key)
             if match:
-                for name, chunk in zip(parts, value.chunk(len(parts), dim=0)):
-                    out[match.expand(template).format(name)] = chunk.clone()
+                for part, chunk in zip(parts, value.chunk(len(parts), dim=0)):
+                    out[part.format(**match.groupdict()) + key[match.end() :]] = chunk.clone()
                 break
         else:
-            new_key = _rename(key, _RENAMES)
+            new_key = _rename(key, _PREFIXES)
             if new_key is None:
                 raise KeyError(f"no HF Blip2 name for '{key}'")
             out[new_key] = value
@@ -73,61 +81,27 @@ def to_hf_retrieval(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def from_hf_retrieval(hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
     """`Blip2ForImageTextRetrieval`'s state dict -> ours (without the ITG head and temperature)."""
     out: dict[str, Tensor] = {}
-    pending: dict[str, dict[str, Tensor]] = {}
+    pieces: dict[str, list] = {}
+    chunk_of = [(_pattern(part), fused, i, len(parts)) for fused, parts in _FUSED for i, part in enumerate(parts)]
     for key, value in hf_state.items():
         if key.endswith("position_ids"):
             continue
-        fused = _hf_fused_target(key)
-        if fused is not None:
-            ours, part = fused
-            pending.setdefault(ours, {})[part] = value
-            continue
-        ours = _rename(key, _HF_RENAMES)
-        if ours is None:
-            raise KeyError(f"no lavis_lite name for HF key '{key}'")
-        out[ours] = value
-    for ours, parts in pending.items():
-        order = ("query", "key", "value") if ".self_attn." in ours else ("key", "value")
-        missing = [p for p in order if p not in parts]
-        if missing:
-            raise KeyError(f"HF state dict lacks the {missing} part(s) of '{ours}'")
-        out[ours] = torch.cat([parts[p] for p in order], dim=0)
+        for pattern, fused, index, count in chunk_of:
+            match = pattern.match(key)
+            if match:
+                ours = fused.format(**match.groupdict()) + key[match.end() :]
+                pieces.setdefault(ours, [None] * count)[index] = value
+                break
+        else:
+            ours = _rename(key, [(hf, mine) for mine, hf in _PREFIXES])
+            if ours is None:
+                raise KeyError(f"no lavis_lite name for HF key '{key}'")
+            out[ours] = value
+    for ours, parts in pieces.items():
+        if any(p is None for p in parts):
+            raise KeyError(f"HF state dict lacks part of '{ours}'")
+        out[ours] = torch.cat(parts, dim=0)
     return out
-
-
-def _hf_fused_target(key: str) -> tuple[str, str] | None:
-    match = re.match(r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.(query|key|value)\.(weight|bias)$", key)
-    if not match:
-        return None
-    layer, block, part, kind = match.groups()
-    if block == "attention":
-        return f"qformer.layers.{layer}.self_attn.qkv.{kind}", part
-    if part == "query":
-        return None
-    return f"qformer.layers.{layer}.cross_attn.kv.{kind}", part
-
-
-_HF_RENAMES = [
-    (r"^vision_model\.post_layernorm\.", "ln_vision."),
-    (r"^vision_model\.", "vision.trunk."),
-    (r"^embeddings\.word_embeddings\.", "qformer.embeddings.word."),
-    (r"^embeddings\.position_embeddings\.", "qformer.embeddings.position."),
-    (r"^qformer\.layernorm\.", "qformer.embeddings.norm."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"qformer.layers.\1.self_attn.out."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"qformer.layers.\1.self_attn.norm."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.attention\.query\.", r"qformer.layers.\1.cross_attn.q."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.dense\.", r"qformer.layers.\1.cross_attn.out."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.crossattention\.output\.LayerNorm\.", r"qformer.layers.\1.cross_attn.norm."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"qformer.layers.\1.ffn_text.fc1."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.output\.dense\.", r"qformer.layers.\1.ffn_text.fc2."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"qformer.layers.\1.ffn_text.norm."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.intermediate_query\.dense\.", r"qformer.layers.\1.ffn_query.fc1."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.output_query\.dense\.", r"qformer.layers.\1.ffn_query.fc2."),
-    (r"^qformer\.encoder\.layer\.(\d+)\.output_query\.LayerNorm\.", r"qformer.layers.\1.ffn_query.norm."),
-    (r"^vision_projection\.", "vision_proj."),
-    (r"^text_projection\.", "text_proj."),
-    (r"^(itm_head|query_tokens)", r"\1"),
-]
 
 
 def hf_retrieval_config(cfg: ModelConfig):

@@ -46,3 +46,17 @@ def test_every_shipped_model_config_loads():
 def test_factory_builds_from_name():
     model, tokenizer = create_model("tiny", ["qformer.num_layers=2"])
     assert tokenizer is None and len(model.qformer.layers) == 2
+
+
+def test_every_shipped_stage1_recipe_loads():
+    from pathlib import Path
+
+    from stage1.config import Stage1Config, load_stage1_config
+
+    recipes = sorted((Path(__file__).resolve().parent.parent / "configs" / "stage1").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"demo", "paper-vitg", "tiny"}
+    for path in recipes:
+        assert isinstance(load_stage1_config(path), Stage1Config)
+    paper = load_stage1_config(recipes[[p.stem for p in recipes].index("paper-vitg")])
+    assert paper.data.batch_size * 16 == 1680 and paper.train.steps == 250_000
+    assert paper.train.optim.betas == [0.9, 0.98] and paper.model.qformer.num_query_tokens == 32
