@@ -1,0 +1,98 @@
+"""The shared training loop on a toy model: gradient accumulation, the non-finite guard, schedule, weight decay."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lavis_lite.retrieval_metrics import rerank_top_k, retrieval_recall
+from lavis_lite.train_config import OptimConfig, TrainConfig
+from lavis_lite.train_loop import param_groups, train, warmup_cosine
+
+X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+Y = X @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+
+
+def toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(4, 1)
+
+
+def batches(batch_size: int):
+    def source(start: int):
+        n = start
+        while True:
+            rows = torch.arange(n * batch_size, (n + 1) * batch_size) % len(X)
+            yield {"x": X[rows], "y": Y[rows]}
+            n += 1
+
+    return source
+
+
+def mse(model, batch):
+    return {"loss": (model(batch["x"]).squeeze(-1) - batch["y"]).square().mean()}
+
+
+def config(tmp_path, **kwargs) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path), steps=6, precision="no", log_every=2, save_every=3, eval_every=0,
+                optim=OptimConfig(lr=0.05, min_lr=0.005, warmup_steps=2, weight_decay=0.0, grad_clip=None))
+    return TrainConfig(**{**base, **kwargs})
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    one = toy_model()
+    train(config(tmp_path / "a"), one, mse, batches(8))
+    accumulated = toy_model()
+    train(config(tmp_path / "b", grad_accum=2), accumulated, mse, batches(4))
+    for a, b in zip(one.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        loss = mse(model, batch)["loss"]
+        return {"loss": loss * float("nan") if calls["n"] in (2, 3) else loss}
+
+    model = toy_model()
+    result = train(config(tmp_path), model, sometimes_nan, batches(8))
+    assert result.nonfinite_steps == 2 and result.step == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite loss"):
+        train(config(tmp_path / "nan", max_nonfinite=3), toy_model(), lambda m, b: {"loss": mse(m, b)["loss"] * float("nan")}, batches(8))
+
+
+def test_schedule_and_weight_decay_groups():
+    factor = warmup_cosine(OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10), total_steps=110)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert factor(110) == pytest.approx(0.1)
+    model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+    model.temp = nn.Parameter(torch.tensor(0.07))
+    decay, no_decay = param_groups(model, 0.05)
+    assert [p.shape for p in decay["params"]] == [(3, 3)] and decay["weight_decay"] == 0.05
+    assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+def test_recall_and_itm_rerank():
+    sim = torch.tensor([[0.9, 0.1, 0.8], [0.2, 0.3, 0.7], [0.1, 0.95, 0.2]])  # image 1's best text is 2
+    metrics = retrieval_recall(sim, [[0], [1], [2]], [0, 1, 2], ks=(1, 2))
+    assert metrics["i2t_r1"] == pytest.approx(1 / 3) and metrics["i2t_r2"] == 1.0
+    assert metrics["t2i_r1"] == pytest.approx(1 / 3)  # text 1 -> image 2, text 2 -> image 0
+
+    def itm(images, texts):  # an oracle ITM: high logit for matching pairs
+        return (images == texts).float() * 10
+
+    i2t, t2i = rerank_top_k(sim, k=2, itm_scores=itm)
+    reranked = retrieval_recall(i2t, [[0], [1], [2]], [0, 1, 2], sim_t2i=t2i, ks=(1,))
+    assert reranked["i2t_r1"] == 1.0
+    assert reranked["t2i_r1"] == pytest.approx(2 / 3), "text 2's image is outside its ITC top 2: not recoverable"
+    assert torch.isinf(i2t[0, 1]) and i2t[0, 0] == pytest.approx(10.9), "outside the top k: -inf; inside: ITM + ITC"
+    captions = ["a", "b", "b"]
+    same = retrieval_recall(sim, [[0], [1], [2]], [0, 1, 2], captions=captions)
+    assert same["i2t_r1_caption"] == 1.0, "texts 1 and 2 share a caption, so both images hit"
+    assert same["t2i_r1_caption"] == pytest.approx(2 / 3)
