@@ -2,7 +2,7 @@
 
 The encoder is frozen, so with the eval transform its tokens never change: computing them once turns
 every later epoch into Q-Former work only. Stored as float16 chunks (memory-bounded to write, memory-
-mapped to read) with the captions, under a fingerprint of the encoder and the transform.
+mapped to read) with the captions, under a fingerprint of the encoder, the input size and the shards.
 """
 
 from __future__ import annotations
@@ -27,12 +27,16 @@ from .vision import FrozenVisionEncoder
 MANIFEST = "manifest.json"
 
 
-def encoder_fingerprint(cfg: VisionConfig, image_size: int) -> str:
-    """Identifies the encoder (config + weight file size/mtime) and input size the tokens came from."""
-    ident: dict[str, Any] = {"vision": to_dict(cfg), "image_size": image_size}
-    if cfg.checkpoint and Path(cfg.checkpoint).is_file():
-        stat = Path(cfg.checkpoint).stat()
-        ident["checkpoint_file"] = [stat.st_size, int(stat.st_mtime)]
+def cache_fingerprint(cfg: VisionConfig, image_size: int, shards: list[str]) -> str:
+    """Identifies what the tokens came from: the encoder (config, weight file size/mtime), the input size
+    and the shards (paths, sizes, mtimes). Any change gives a new cache."""
+
+    def stat(path: str) -> list:
+        return [path, Path(path).stat().st_size, int(Path(path).stat().st_mtime)] if Path(path).is_file() else [path]
+
+    ident: dict[str, Any] = {"vision": to_dict(cfg), "image_size": image_size, "shards": [stat(s) for s in shards]}
+    if cfg.checkpoint:
+        ident["checkpoint_file"] = stat(cfg.checkpoint)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,13 +11,13 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from lavis_lite.data import Collator, SkipCounter, create_wds_loader
+from lavis_lite.data import Collator, SkipCounter, create_wds_loader, list_shards
 from lavis_lite.distributed import world
 from lavis_lite.feature_cache import (
     FeatureCache,
     build_feature_cache,
     cached_batches,
-    encoder_fingerprint,
+    cache_fingerprint,
     trace_encoder,
 )
 from lavis_lite.stage1_model import Blip2Stage1
@@ -51,7 +51,7 @@ def _loader(cfg: Stage1Config, model: Blip2Stage1, tokenizer, shards: str, train
 
 def _cache(cfg: Stage1Config, model: Blip2Stage1, tokenizer, shards: str, split: str, skipped: SkipCounter) -> FeatureCache:
     """Build (or reuse) the token cache of one split, on the main process; others wait and read it."""
-    fingerprint = encoder_fingerprint(cfg.model.vision, cfg.model.vision.image_size)
+    fingerprint = cache_fingerprint(cfg.model.vision, cfg.model.vision.image_size, list_shards(shards))
     root = Path(cfg.data.cache_dir) / f"{split}-{fingerprint}"
     rank, size = world()
     if rank == 0 and not FeatureCache.is_complete(root, fingerprint):
@@ -91,6 +91,8 @@ def training_batches(
 
 
 def held_out(cfg: Stage1Config, model: Blip2Stage1, tokenizer, skipped: SkipCounter) -> HeldOut:
+    """The held-out split, from the token cache, or decoded once and kept in memory (meant for small
+    held-out sets like the demo's 1,000 pairs; large benchmarks go through the retrieval evaluator)."""
     if cfg.data.cache_features:
         cache = _cache(cfg, model, tokenizer, cfg.data.val_shards, "val", skipped)
 
