@@ -36,7 +36,7 @@ weights/.done: $(VENV)/.installed
 data/synthetic/manifest.json: $(VENV)/.installed
 	$(PY) -m lavis_lite.data.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
 
-stage1: demo-assets
+stage1: $(if $(filter configs/stage1/demo.yaml,$(CONFIG)),demo-assets,install)
 	$(RUN_ENV) $(LAUNCH) stage1.train --config $(CONFIG) $(ARGS)
 
 demo: demo-assets
