@@ -56,7 +56,6 @@ class BatchObserver(Protocol):
 @dataclass
 class TrainResult:
     step: int
-    run_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
     nonfinite_steps: int = 0
     train_seconds: float = 0.0
@@ -209,17 +208,17 @@ def train(
             batch = _to_device(next(stream), accelerator.device)
             if observer is not None:
                 observer.update(batch)
-            sync = micro == cfg.grad_accum - 1
-            with (accelerator.no_sync(model) if not sync else contextlib.nullcontext()), accelerator.autocast():
-                losses = loss_fn(model, batch)
-            loss = losses["loss"]
-            finite = torch.isfinite(loss.detach()).float()
-            if accelerator.num_processes > 1:
-                finite = accelerator.reduce(finite, reduction="min")
-            if finite.item() < 1:
-                poisoned = True
-                continue
-            with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+            # Gradients are all-reduced only on the last micro-batch of a step.
+            with contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    losses = loss_fn(model, batch)
+                loss = losses["loss"]
+                finite = torch.isfinite(loss.detach()).float()
+                if accelerator.num_processes > 1:
+                    finite = accelerator.reduce(finite, reduction="min")
+                if finite.item() < 1:
+                    poisoned = True
+                    continue
                 accelerator.backward(loss / cfg.grad_accum)
             for name, value in losses.items():
                 parts[name] = parts.get(name, 0.0) + value.item() / cfg.grad_accum
@@ -268,7 +267,7 @@ def train(
     if writer is not None:
         writer.close()
     accelerator.end_training()
-    return TrainResult(step, run_dir, metrics, nonfinite_total, train_seconds)
+    return TrainResult(step, metrics, nonfinite_total, train_seconds)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

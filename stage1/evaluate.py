@@ -42,5 +42,5 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, held: HeldOut, cfg: EvalCo
         i2t, t2i = rerank_top_k(sim, cfg.itm_rerank_k, itm)
         reranked = retrieval_recall(i2t, *pairs, sim_t2i=t2i, captions=held.captions)
         metrics.update({f"itm_{k}": v for k, v in reranked.items()})
-    metrics.update(count=count, chance_r1=1 / count, chance_r5=min(1.0, 5 / count))
+    metrics.update(count=count, **{f"chance_r{k}": min(1.0, k / count) for k in (1, 5, 10)})
     return metrics

@@ -83,8 +83,7 @@ def recall_table(metrics: dict) -> str:
     for direction, name in (("t2i", "text -> image"), ("i2t", "image -> text")):
         row = "".join(f"{100 * metrics[f'{direction}_r{k}']:>7.1f}%" for k in (1, 5, 10))
         lines.append(f"{name:<16}{row}{100 * metrics[f'{direction}_r1_caption']:>20.1f}%")
-    lines.append(f"{'chance':<16}{100 * metrics['chance_r1']:>7.1f}%{100 * metrics['chance_r5']:>7.1f}%"
-                 f"{100 * min(1.0, 10 / metrics['count']):>7.1f}%")
+    lines.append(f"{'chance':<16}" + "".join(f"{100 * metrics[f'chance_r{k}']:>7.1f}%" for k in (1, 5, 10)))
     return "\n".join(lines)
 
 
