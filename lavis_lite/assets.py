@@ -275,7 +275,8 @@ def materialise_demo_weights(out_dir: str | Path) -> dict[str, Path]:
     """Put the embedded default's weights at stable local paths that configs can name.
 
     `out_dir/efficientnet-lite0.safetensors` (timm `tf_efficientnet_lite0`, no classifier) and
-    `out_dir/all-MiniLM-L6-v2` (a BertModel directory, linked to the installed package).
+    `out_dir/all-MiniLM-L6-v2` (a BertModel directory, linked to the installed package) and
+    `out_dir/smollm2-135m-instruct.gguf` (linked; stage 2 dequantises it once into its run directory).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,11 +285,18 @@ def materialise_demo_weights(out_dir: str | Path) -> dict[str, Path]:
         os.replace(efficientnet_lite0_checkpoint(out_dir), effnet)
     minilm = out_dir / "all-MiniLM-L6-v2"
     source = minilm_bert_dir(out_dir / ".cache")
-    if minilm.is_symlink() and minilm.resolve() != source.resolve():
-        minilm.unlink()
-    if not minilm.exists():
-        minilm.symlink_to(source.resolve(), target_is_directory=True)
-    return {"vision": effnet, "bert": minilm}
+    _link(minilm, source)
+    llm = out_dir / "smollm2-135m-instruct.gguf"
+    _link(llm, smollm2_gguf_path())
+    return {"vision": effnet, "bert": minilm, "llm": llm}
+
+
+def _link(link: Path, target: Path) -> None:
+    """`link` -> `target`, replacing a link that points elsewhere."""
+    if link.is_symlink() and link.resolve() != target.resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(target.resolve())
 
 
 def main() -> None:

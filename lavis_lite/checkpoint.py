@@ -60,6 +60,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file so that readers see the old or the new content, never a partial one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp's 0600 would make results unreadable to anyone else
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()

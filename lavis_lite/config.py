@@ -68,6 +68,29 @@ class ModelConfig:
     itm_itg_batch_fraction: float = 1.0
 
 
+@dataclass
+class LanguageModelConfig:
+    """The frozen LLM of stage 2: any local `AutoModelForCausalLM` / `AutoModelForSeq2SeqLM`, or a GGUF file."""
+
+    path: str = ""  # a transformers model directory (save_pretrained layout) or a .gguf file
+    # dtype of the frozen weights: auto = bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    cache_dir: Optional[str] = None  # where a GGUF is dequantised once (stage2.train: <output_dir>/llm)
+
+
+@dataclass
+class Stage2ModelConfig:
+    """The stage-2 model: frozen image encoder, `ln_vision`, the Q-Former's query side, a Linear, a frozen LLM."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    # Trained stage-1 weights (a run directory or checkpoint) for ln_vision, queries and Q-Former; None: none.
+    stage1_checkpoint: Optional[str] = None
+    prompt: str = ""  # prepended to every training caption and used by default in generation (BLIP-2 OPT: "a photo of")
+    max_text_len: int = 32  # LLM tokens of prompt + caption
+
+
 class ConfigError(ValueError):
     """A configuration problem, phrased so that the user can fix it."""
 
@@ -133,16 +156,21 @@ def merge_config(schema: type, sources: Sequence[str | Path | dict], overrides: 
     return OmegaConf.to_object(merged)
 
 
-def load_model_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
-    """A ModelConfig from a YAML path or a name under `configs/model/` (e.g. `blip2-stage1-vitg`)."""
+def named_config(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or the file of a name under `configs/model/` (e.g. `blip2-stage1-vitg`)."""
     path = Path(name_or_path)
-    if not path.is_file():
-        named = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
-        if not named.is_file():
-            known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-            raise ConfigError(f"no model config '{name_or_path}': give a YAML path or one of {known}")
-        path = named
-    return merge_config(ModelConfig, [path], overrides)
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"no model config '{name_or_path}': give a YAML path or one of {known}")
+    return named
+
+
+def load_model_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
+    """A stage-1 ModelConfig from a YAML path or a name under `configs/model/`."""
+    return merge_config(ModelConfig, [named_config(name_or_path)], overrides)
 
 
 def to_dict(config: Any) -> dict:
@@ -154,8 +182,11 @@ __all__ = [
     "VisionConfig",
     "QFormerConfig",
     "ModelConfig",
+    "LanguageModelConfig",
+    "Stage2ModelConfig",
     "ConfigError",
     "merge_config",
     "load_model_config",
+    "named_config",
     "to_dict",
 ]

@@ -1,14 +1,21 @@
-"""Build a stage-1 model (and its tokenizer) from a config name, a YAML path or a ModelConfig."""
+"""Build models from a config name, a YAML path or a config object: stage 1 (with its tokenizer) and stage 2."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 from typing import Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from .config import ModelConfig, load_model_config, merge_config, to_dict
+from omegaconf import OmegaConf
+
+from .checkpoint import CONFIG, load_trainable_state_dict, load_weights, resolve_checkpoint
+from .config import ConfigError, ModelConfig, Stage2ModelConfig, load_model_config, merge_config, named_config, to_dict
+from .llm import load_language_model
 from .stage1_model import Blip2Stage1
+from .stage2_model import Blip2Stage2
 from .tokenizer import build_tokenizer
 
 
@@ -41,3 +48,37 @@ def create_model(
             f"(with [DEC]): set qformer.vocab_size={len(tokenizer)}"
         )
     return Blip2Stage1(cfg, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id), tokenizer
+
+
+def create_stage2_model(
+    model: str | Path | Stage2ModelConfig, overrides: Sequence[str] = (), device: str | torch.device = "cpu"
+) -> Blip2Stage2:
+    """A stage-2 model from a name under configs/model/, a YAML path or a Stage2ModelConfig: the frozen LLM
+    loaded from `llm.path`, the Q-Former from `stage1_checkpoint` when it is set."""
+    if isinstance(model, Stage2ModelConfig):
+        cfg = merge_config(Stage2ModelConfig, [to_dict(model)], overrides) if overrides else model
+    else:
+        cfg = merge_config(Stage2ModelConfig, [named_config(model)], overrides)
+    llm, tokenizer = load_language_model(cfg.llm, device)
+    stage2 = Blip2Stage2(cfg, llm, tokenizer)
+    if cfg.stage1_checkpoint:
+        stage2.load_stage1(cfg.stage1_checkpoint)
+    return stage2.to(device).eval()
+
+
+def load_stage2_checkpoint(
+    checkpoint: str | Path, overrides: Sequence[str] = (), device: str | torch.device = "cpu"
+) -> Blip2Stage2:
+    """A trained stage-2 model from a run directory or checkpoint (its config.yaml and trainable weights)."""
+    path = resolve_checkpoint(checkpoint)
+    run_config = OmegaConf.to_container(OmegaConf.load(path / CONFIG), resolve=True)
+    if "model" not in run_config or "llm" not in run_config["model"]:
+        raise ConfigError(
+            f"{path} is not a stage-2 checkpoint (its {CONFIG} has no model.llm): give a stage-2 run directory "
+            "(the train.output_dir of python -m stage2.train) or one of its checkpoints/step-N directories"
+        )
+    # The trained weights replace the stage-1 initialisation, which need not exist any more.
+    cfg = merge_config(Stage2ModelConfig, [run_config["model"]], ["stage1_checkpoint=null", *overrides])
+    model = create_stage2_model(cfg, device=device)
+    load_trainable_state_dict(model, load_weights(path), str(path))
+    return model

@@ -112,11 +112,11 @@ class FeedForward(nn.Module):
 class QFormerLayer(nn.Module):
     """Shared self-attention; query rows get cross-attention and their own FFN, text rows the text FFN."""
 
-    def __init__(self, cfg: QFormerConfig, encoder_width: int, has_cross_attention: bool):
+    def __init__(self, cfg: QFormerConfig, encoder_width: int, has_cross_attention: bool, with_text: bool = True):
         super().__init__()
         self.self_attn = SelfAttention(cfg)
         self.cross_attn = CrossAttention(cfg, encoder_width) if has_cross_attention else None
-        self.ffn_text = FeedForward(cfg)
+        self.ffn_text = FeedForward(cfg) if with_text else None
         self.ffn_query = FeedForward(cfg)
 
     def forward(
@@ -144,10 +144,10 @@ class QFormerLayer(nn.Module):
 class Embeddings(nn.Module):
     """Word + position embeddings for text; queries get no position. Both go through one LayerNorm."""
 
-    def __init__(self, cfg: QFormerConfig):
+    def __init__(self, cfg: QFormerConfig, with_text: bool = True):
         super().__init__()
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
-        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0) if with_text else None
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if with_text else None
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -173,16 +173,20 @@ class LMHead(nn.Module):
 
 
 class QFormer(nn.Module):
-    """BERT encoder whose layers serve queries and text; every `cross_attention_freq`-th layer cross-attends."""
+    """BERT encoder whose layers serve queries and text; every `cross_attention_freq`-th layer cross-attends.
 
-    def __init__(self, cfg: QFormerConfig, encoder_width: int):
+    `with_text=False` builds the query side only (stage 2): no word/position embeddings, text FFNs or ITG head.
+    """
+
+    def __init__(self, cfg: QFormerConfig, encoder_width: int, with_text: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.embeddings = Embeddings(cfg)
+        self.embeddings = Embeddings(cfg, with_text)
         self.layers = nn.ModuleList(
-            QFormerLayer(cfg, encoder_width, i % cfg.cross_attention_freq == 0) for i in range(cfg.num_layers)
+            QFormerLayer(cfg, encoder_width, i % cfg.cross_attention_freq == 0, with_text)
+            for i in range(cfg.num_layers)
         )
-        self.lm_head = LMHead(cfg)
+        self.lm_head = LMHead(cfg) if with_text else None
         self.apply(_init_bert_weights)
 
     def forward(

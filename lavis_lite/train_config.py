@@ -17,6 +17,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
     grad_clip: Optional[float] = 1.0  # max gradient norm; None disables clipping
+    # Multipliers of lr by module or parameter name, e.g. {qformer: 0.1} (the most specific name wins).
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -61,13 +61,27 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: norms, biases and the temperature (< 2 dims) are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(
+    model: nn.Module, weight_decay: float, lr: Optional[float] = None, lr_scale: Optional[dict[str, float]] = None
+) -> list[dict]:
+    """Weight decay on matrices only: norms, biases and the temperature (< 2 dims) are not decayed.
+
+    `lr_scale` maps module names to multipliers of `lr` (the most specific name wins), e.g. a pretrained
+    Q-Former ({"qformer": 0.1}) fine-tuned slower than a new bridge layer; groups then carry their own `lr`.
+    """
+    groups: dict[tuple[float, bool], list] = {}
+    prefixes = sorted((lr_scale or {}).items(), key=lambda item: -len(item[0]))
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = next((s for prefix, s in prefixes if name == prefix or name.startswith(prefix + ".")), 1.0)
+            groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    out = []
+    for (scale, decayed), params in sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1])):
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+        if lr_scale:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
@@ -145,7 +159,7 @@ def train(
     log.info("precision: %s (train.precision=%s), %d process(es)", precision, cfg.precision, accelerator.num_processes)
     set_seed(cfg.seed + accelerator.process_index)
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+        param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
     )
     # Stepped by hand, once per optimizer step: accelerate's prepared scheduler steps once per process.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.steps))

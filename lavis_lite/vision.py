@@ -171,7 +171,10 @@ class ViTEncoder(FrozenVisionEncoder):
     """kind "vit": an `EvaViT` trunk; `cfg.depth` is the number of blocks run (drop_last_block is unused)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__(EvaViT(cfg), cfg.width, CLIP_MEAN, CLIP_STD, cfg.precision)
+        trunk = EvaViT(cfg)
+        if cfg.checkpoint:
+            _load_checkpoint_strict(trunk, cfg.checkpoint)
+        super().__init__(trunk, cfg.width, CLIP_MEAN, CLIP_STD, cfg.precision)
         self.patch_size = cfg.patch_size
 
     def _tokens(self, images: Tensor) -> Tensor:

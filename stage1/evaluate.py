@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from lavis_lite.data.training_data import HeldOut
 from lavis_lite.retrieval_metrics import rerank_top_k, retrieval_recall
 from lavis_lite.stage1_model import Blip2Stage1
 
 from .config import EvalConfig
-from .data import HeldOut
 
 
 @torch.no_grad()

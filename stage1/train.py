@@ -21,7 +21,7 @@ from lavis_lite.factory import create_model
 from lavis_lite.train_loop import train
 
 from .config import Stage1Config, load_stage1_config
-from .data import held_out, training_batches
+from .data import stage1_data
 from .evaluate import evaluate_retrieval
 from .objective import stage1_loss
 
@@ -37,8 +37,9 @@ def run(cfg: Stage1Config, resume: bool = False) -> dict:
     if tokenizer is None:
         raise ConfigError("stage 1 needs a tokenizer: set model.qformer.bert (or model.qformer.tokenizer)")
     skipped = SkipCounter()
-    batches = training_batches(cfg, model, tokenizer, skipped)
-    held = held_out(cfg, model, tokenizer, skipped)
+    data = stage1_data(cfg, model, tokenizer, skipped)
+    batches = data.training_batches()
+    held = data.held_out(cfg.eval.batch_size)
     result = train(
         cfg.train,
         model,

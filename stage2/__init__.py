@@ -1,1 +1,1 @@
-"""Stage 2: the Q-Former bridged to a frozen LLM."""
+"""Stage 2: the Q-Former bridged to a frozen LLM (captioning, VQA)."""

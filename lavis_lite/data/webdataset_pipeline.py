@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import tarfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -46,6 +47,22 @@ def list_shards(shards: Shards) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no shards in {shards!r} (give a directory of .tar files or a brace pattern)")
     return urls
+
+
+def read_images(shards: Shards, keys: Sequence[str]) -> dict[str, bytes]:
+    """The encoded image bytes of the given sample keys, read straight from local shards (e.g. for galleries)."""
+    wanted, found = set(keys), {}
+    for url in list_shards(shards):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                # webdataset's split: the key ends at the first dot of the file name
+                dot = member.name.find(".", member.name.rfind("/") + 1)
+                key, ext = member.name[:dot], member.name[dot + 1 :]
+                if dot > 0 and key in wanted and ext.lower() in IMAGE_EXTENSIONS and key not in found:
+                    found[key] = tar.extractfile(member).read()
+        if len(found) == len(wanted):
+            break
+    return found
 
 
 class _ShardList(IterableDataset):
