@@ -13,6 +13,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+
 import torch
 from torch import Tensor
 from transformers import (
@@ -89,6 +90,7 @@ def load_language_model(
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode (no dropout) and no gradients: the LLM never trains."""
     model.eval()
     model.requires_grad_(False)
     return model

@@ -43,7 +43,8 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
             f"model.stage1_checkpoint={cfg.model.stage1_checkpoint} does not exist: train stage 1 first "
             "(make stage1), or set model.stage1_checkpoint=null to start from the BERT/random Q-Former"
         )
-    model = create_stage2_model(cfg.model, device=state.device)
+    with state.main_process_first():  # one process dequantises a GGUF LLM, the others then read its copy
+        model = create_stage2_model(cfg.model, device=state.device)
     skipped = SkipCounter()
     data = TrainingData(cfg.data, cfg.model.vision, model.vision, model.tokenizer, cfg.model.max_text_len, skipped)
     text = caption_text(model, cfg.data.seed)
