@@ -50,6 +50,27 @@ def create_model(
     return Blip2Stage1(cfg, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id), tokenizer
 
 
+def load_stage1_checkpoint(
+    checkpoint: str | Path, overrides: Sequence[str] = (), device: str | torch.device = "cpu"
+) -> tuple[Blip2Stage1, Optional[PreTrainedTokenizerBase]]:
+    """A trained stage-1 model (eval mode) and its tokenizer from a run directory or checkpoint (its config.yaml
+    and trainable weights); `overrides` apply to the run's `model:` section, e.g. `vision.precision=bf16`."""
+    path = resolve_checkpoint(checkpoint)
+    if not (path / CONFIG).is_file():
+        raise ConfigError(f"{path} has no {CONFIG}: give a directory written by python -m stage1.train")
+    run_config = OmegaConf.to_container(OmegaConf.load(path / CONFIG), resolve=True)
+    model_config = run_config.get("model")
+    if not isinstance(model_config, dict) or "llm" in model_config:
+        found = "a stage-2 checkpoint (model.llm is set)" if isinstance(model_config, dict) else f"no model section in {CONFIG}"
+        raise ConfigError(
+            f"{path} is not a stage-1 checkpoint ({found}): give a stage-1 run directory (the train.output_dir of "
+            "python -m stage1.train) or one of its checkpoints/step-N directories"
+        )
+    model, tokenizer = create_model(merge_config(ModelConfig, [model_config], overrides))
+    load_trainable_state_dict(model, load_weights(path), str(path))
+    return model.to(device).eval(), tokenizer
+
+
 def create_stage2_model(
     model: str | Path | Stage2ModelConfig, overrides: Sequence[str] = (), device: str | torch.device = "cpu"
 ) -> Blip2Stage2:
