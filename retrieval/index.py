@@ -1,0 +1,687 @@
+"""FAISS index of multi-vector items (BLIP-2 ITC features), built in resumable chunks and searched by item.
+
+An item (an image, or a text) has ``vectors_per_item`` L2-normalised vectors of ``dim`` floats: BLIP-2
+gives an image Q=32 query vectors of 256 and a text 1. The ITC score of a query against an item is the
+max over the item's vectors (and, for a multi-vector image query, over the query's vectors) of the dot
+product; search returns the top-k *items* by that score.
+
+Index types (``INDEX_TYPES``; ``"auto"`` picks one with :func:`choose_index_type`):
+
+- ``flat``: every vector in an ``IndexFlatIP``; exact (ranks as brute force does).
+- ``ivf``: ``IndexIVFFlat`` over every vector, ``nlist`` ~ 4 sqrt(vectors) lists, ``nprobe`` searched.
+- ``ivfpq``: IVF with product-quantised vectors (``pq_bytes`` per vector, 32 by default): 32x less RAM
+  than float32 at 256-d, approximate scores.
+- ``hnsw``: ``IndexHNSWFlat`` graph (``hnsw_m`` links, ``ef_search`` beam).
+
+Approximate search of multi-vector items over-fetches ``k * vectors_per_item`` vectors (at most
+``max_fetch``) and groups them by item, so an item whose best vectors the index misses is ranked by the
+best vector it found, or not at all.
+
+With ``index_options={"first_stage": "mean", "rescore": R}`` faiss holds one vector per item instead (the
+mean of its vectors, renormalised); search takes its ``R`` best candidate items and re-scores them exactly
+from the items' full vectors, stored as float16 in ``vectors.f16.npy`` (memory-mapped). ``rescore``
+alone re-scores an all-vectors index's candidates the same way (useful after PQ's lossy scores). Every
+option and its default: ``INDEX_OPTIONS``.
+
+Layout of an index directory: ``manifest.json`` (written last), ``index.faiss`` (CPU format),
+``items.jsonl`` + ``items.offsets.npy`` (see :mod:`retrieval.metadata`) and, with rescoring,
+``vectors.f16.npy``. Building happens in ``<out_dir>.partial/``: chunk files first (each written to a
+temporary name and renamed, so a killed build keeps only whole chunks), then ``build/``, which is swapped
+with ``out_dir`` in one ``renameat2(RENAME_EXCHANGE)`` where Linux offers it (otherwise two renames, so
+``out_dir`` is briefly absent, never half written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Optional, Protocol, Sequence
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from .metadata import ITEMS_FILE, OFFSETS_FILE, MetadataStore, MetadataWriter
+
+logger = logging.getLogger("lavis_lite.retrieval")
+
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.f16.npy"
+SETTINGS_FILE = "settings.json"
+
+# choose_index_type thresholds, in vectors (items x vectors_per_item), sized for 256-d float32 vectors.
+# Up to 1M vectors (~31k images of 32 vectors, 1 GB) a flat scan is exact and fast enough; up to 8M
+# (250k images, 8 GB) IVF-Flat keeps exact vectors in RAM; beyond, IVF-PQ stores 32 bytes per vector.
+FLAT_MAX_VECTORS = 1_000_000
+IVF_MAX_VECTORS = 8_000_000
+
+DEFAULT_MAX_FETCH = 4096  # vectors fetched per query vector by approximate search before grouping by item
+DEFAULT_MEAN_RESCORE = 256  # candidate items re-scored exactly after a "mean" first stage
+GPU_MAX_K = 2048  # faiss GPU k-selection limit; larger fetches run on the CPU copy of the index
+# float16 -> float32 by table look-up: 2x faster than numpy's astype, which re-scoring spends its time in
+FLOAT16_TO_32 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+MANIFEST_FIELDS = {
+    "format_version": int,
+    "index_type": str,
+    "index_options": dict,
+    "dim": int,
+    "vectors_per_item": int,
+    "count": int,
+    "num_vectors": int,
+    "indexed_vectors": int,
+    "faiss_version": str,
+    "created": str,
+    "build_id": str,
+}
+INDEX_OPTIONS = {  # index_options keys; resolve_index_options fills in the defaults (stored in the manifest)
+    "first_stage": "'all' (index every vector) or 'mean' (one renormalised mean per item; needs rescore)",
+    "rescore": f"candidate items re-scored exactly from float16 vectors (0 = off; {DEFAULT_MEAN_RESCORE} for 'mean')",
+    "max_fetch": f"approximate search: vectors fetched per query vector before grouping ({DEFAULT_MAX_FETCH})",
+    "seed": "training-sample seed (0)",
+    "train_size": "IVF/PQ training sample (40 x nlist, at least 10k (IVF) / 65,536 (PQ), at most 1M)",
+    "nlist": "IVF lists (4 sqrt(vectors), <= vectors / 39, <= 65,536)",
+    "nprobe": "IVF lists searched, a search default (max(8, nlist / 32))",
+    "pq_bytes": "PQ sub-quantizers, bytes per vector at 8 bits; must divide dim (32)",
+    "pq_bits": "bits per PQ sub-quantizer code (8)",
+    "hnsw_m": "HNSW links per node (32)",
+    "ef_construction": "HNSW build beam (80)",
+    "ef_search": "HNSW search beam, a search default (128; at least the vectors fetched)",
+}
+
+
+class IndexLoadError(ValueError):
+    """A retrieval index (or an interrupted build) on disk is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    item_id: int
+    score: float
+
+
+def choose_index_type(num_items: int, vectors_per_item: int) -> str:
+    """``flat`` up to ``FLAT_MAX_VECTORS`` vectors, ``ivf`` up to ``IVF_MAX_VECTORS``, ``ivfpq`` beyond.
+
+    For multi-vector items (images) an approximate index is usually better built with
+    ``index_options={"first_stage": "mean"}``: 32x fewer faiss vectors, so less RAM and a faster build, at
+    the same recall (``benchmarks/retrieval_index.py``)."""
+    num_vectors = num_items * vectors_per_item
+    if num_vectors <= FLAT_MAX_VECTORS:
+        return "flat"
+    return "ivf" if num_vectors <= IVF_MAX_VECTORS else "ivfpq"
+
+
+def resolve_index_options(index_type: str, num_indexed: int, dim: int, options: Optional[dict] = None) -> dict:
+    """The caller's ``index_options`` with every default filled in for ``num_indexed`` faiss vectors."""
+    options = dict(options or {})
+    unknown = set(options) - set(INDEX_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown index_options {sorted(unknown)}; known: {sorted(INDEX_OPTIONS)}")
+    first_stage = options.setdefault("first_stage", "all")
+    if first_stage not in ("all", "mean"):
+        raise ValueError(f"index_options first_stage must be 'all' or 'mean', not {first_stage!r}")
+    rescore = options.setdefault("rescore", DEFAULT_MEAN_RESCORE if first_stage == "mean" else 0)
+    if first_stage == "mean" and rescore <= 0:
+        raise ValueError("first_stage 'mean' ranks by a proxy score: it needs rescore > 0 candidates")
+    options.setdefault("seed", 0)
+    options.setdefault("max_fetch", DEFAULT_MAX_FETCH)
+    if index_type in ("ivf", "ivfpq"):
+        most_lists = max(1, min(65536, num_indexed // 39))  # faiss wants >= 39 training points per list
+        nlist = options.setdefault("nlist", max(1, min(int(4 * math.sqrt(num_indexed)), most_lists)))
+        options.setdefault("nprobe", min(nlist, max(8, nlist // 32)))
+        floor = 65536 if index_type == "ivfpq" else 10_000  # PQ's 256 centroids per sub-vector need ~10k+
+        options.setdefault("train_size", min(num_indexed, max(40 * nlist, floor), 1_000_000))
+    if index_type == "ivfpq":
+        pq_bytes = options.setdefault("pq_bytes", 32)
+        if dim % pq_bytes:
+            raise ValueError(f"index_options pq_bytes={pq_bytes} must divide dim={dim}")
+        options.setdefault("pq_bits", 8)
+    if index_type == "hnsw":
+        options.setdefault("hnsw_m", 32)
+        options.setdefault("ef_construction", 80)
+        options.setdefault("ef_search", 128)
+    return options
+
+
+def _factory_string(index_type: str, options: dict) -> str:
+    return {
+        "flat": "Flat",
+        "ivf": f"IVF{options.get('nlist')},Flat",
+        # "np": no polysemous training (a code permutation for Hamming filtering, unused here, and slow)
+        "ivfpq": f"IVF{options.get('nlist')},PQ{options.get('pq_bytes')}x{options.get('pq_bits')}np",
+        "hnsw": f"HNSW{options.get('hnsw_m')},Flat",
+    }[index_type]
+
+
+class ChunkSource(Protocol):
+    """Items in chunks, in item-id order. :func:`build_index` reads a chunk's vectors twice (a training
+    sample, then the add pass), so a source may regenerate them instead of storing them."""
+
+    sizes: Sequence[int]  # items per chunk
+
+    def vectors(self, chunk: int) -> np.ndarray:  # [n, vectors_per_item, dim] float32, a memmap is fine
+        ...
+
+    def items(self, chunk: int) -> list[dict]: ...
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` a temporary file next to ``path``, fsync it and rename it over ``path``.
+
+    Not ``lavis_lite.checkpoint.atomic_write_text``: importing it pulls in torch, and this writes binary."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")))
+
+
+def _as_item_vectors(vectors: np.ndarray, vectors_per_item: int, dim: int) -> np.ndarray:
+    """[n, vectors_per_item, dim] float32 (``[n, dim]`` accepted when vectors_per_item is 1)."""
+    if vectors.ndim == 2 and vectors_per_item == 1:
+        vectors = vectors[:, None, :]
+    if vectors.ndim != 3 or vectors.shape[1:] != (vectors_per_item, dim):
+        expected = f"[n, {vectors_per_item}, {dim}]" + (f" or [n, {dim}]" if vectors_per_item == 1 else "")
+        raise ValueError(f"vectors of shape {list(vectors.shape)}; expected {expected}")
+    return np.asarray(vectors, dtype=np.float32)
+
+
+def _mean_vectors(vectors: np.ndarray) -> np.ndarray:
+    """Each item's mean vector, renormalised: [n, V, dim] -> [n, dim]."""
+    mean = np.asarray(vectors, dtype=np.float32).mean(axis=1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+
+
+def _indexed_vectors(vectors: np.ndarray, first_stage: str) -> np.ndarray:
+    """What goes into faiss for a chunk: every vector, or one mean per item."""
+    if first_stage == "mean":
+        return _mean_vectors(vectors)
+    return np.ascontiguousarray(vectors.reshape(-1, vectors.shape[-1]), dtype=np.float32)
+
+
+def _training_sample(source: ChunkSource, vectors_per_item: int, options: dict) -> np.ndarray:
+    """A uniform random sample of ``train_size`` indexed vectors, gathered chunk by chunk."""
+    per_item = 1 if options["first_stage"] == "mean" else vectors_per_item
+    bounds = np.cumsum([0] + [size * per_item for size in source.sizes])
+    rng = np.random.default_rng(options["seed"])
+    picked = np.sort(rng.choice(int(bounds[-1]), size=min(options["train_size"], int(bounds[-1])), replace=False))
+    parts = []
+    for chunk in range(len(source.sizes)):
+        lo, hi = np.searchsorted(picked, bounds[chunk : chunk + 2])
+        if lo == hi:
+            continue
+        rows = picked[lo:hi] - bounds[chunk]
+        vectors = source.vectors(chunk)
+        if options["first_stage"] == "mean":
+            parts.append(_mean_vectors(vectors[rows]))
+        else:
+            parts.append(np.asarray(vectors.reshape(-1, vectors.shape[-1])[rows], dtype=np.float32))
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def _exchange_dirs(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _move_into_place(new_dir: Path, out_dir: Path) -> None:
+    """Make ``new_dir`` the index at ``out_dir``, replacing an existing index, and delete the old one."""
+    if not out_dir.exists():
+        os.rename(new_dir, out_dir)
+        return
+    if _exchange_dirs(new_dir, out_dir):
+        shutil.rmtree(new_dir)  # now the old index
+        return
+    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+    os.rename(out_dir, old)
+    os.rename(new_dir, out_dir)
+    shutil.rmtree(old)
+
+
+def build_index(
+    out_dir: str | Path,
+    source: ChunkSource,
+    *,
+    dim: int,
+    vectors_per_item: int,
+    index_type: str = "auto",
+    index_options: Optional[dict] = None,
+    manifest: Optional[dict] = None,
+    work_dir: str | Path | None = None,
+) -> Path:
+    """Build an index from ``source`` in ``work_dir`` (default ``<out_dir>.partial/build``, which must be on
+    out_dir's file system) and swap it into ``out_dir``. Memory: one chunk, the training sample, the index.
+    :meth:`IndexWriter.finalize` calls this on its chunk files; the benchmark on regenerated chunks."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).exists():
+        raise ValueError(f"{out_dir} exists and is not a retrieval index: refusing to replace it; pick another path")
+    default_work_dir = out_dir.with_name(out_dir.name + ".partial") / "build"
+    work_dir = Path(work_dir) if work_dir else default_work_dir
+    sizes = [int(size) for size in source.sizes]
+    count = sum(sizes)
+    if count == 0:
+        raise ValueError(f"no items to index for {out_dir}")
+    first_stage = (index_options or {}).get("first_stage", "all")
+    num_indexed = count if first_stage == "mean" else count * vectors_per_item
+    if index_type == "auto":
+        index_type = choose_index_type(count, vectors_per_item)
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"index_type {index_type!r}: expected 'auto' or one of {INDEX_TYPES}")
+    options = resolve_index_options(index_type, num_indexed, dim, index_options)
+    factory = _factory_string(index_type, options)
+    logger.info("building %s index (%s) of %d items, %d faiss vectors, in %s", index_type, factory, count, num_indexed, work_dir)
+
+    if work_dir.exists():
+        shutil.rmtree(work_dir)  # left by an interrupted finalize
+    work_dir.mkdir(parents=True)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if index_type == "hnsw":
+        index.hnsw.efConstruction = options["ef_construction"]
+    if not index.is_trained:
+        sample = _training_sample(source, vectors_per_item, options)
+        logger.info("training on %d sampled vectors", len(sample))
+        index.train(sample)
+        del sample
+
+    store = None
+    if options["rescore"]:
+        store = np.lib.format.open_memmap(work_dir / VECTORS_FILE, "w+", np.float16, (count, vectors_per_item, dim))
+    metadata = MetadataWriter(work_dir)
+    start = 0
+    for chunk in tqdm(range(len(sizes)), desc=f"indexing ({index_type})", unit="chunk"):
+        vectors = _as_item_vectors(source.vectors(chunk), vectors_per_item, dim)
+        items = source.items(chunk)
+        if len(vectors) != sizes[chunk] or len(items) != sizes[chunk]:
+            raise ValueError(f"chunk {chunk}: {len(vectors)} vectors and {len(items)} items, expected {sizes[chunk]}")
+        index.add(_indexed_vectors(vectors, first_stage))
+        if store is not None:
+            store[start : start + len(vectors)] = vectors
+        metadata.append(items)
+        start += len(vectors)
+    if store is not None:
+        store.flush()
+        del store
+    metadata.close()
+    faiss.write_index(index, str(work_dir / INDEX_FILE))
+    full_manifest = {
+        **(manifest or {}),
+        "format_version": FORMAT_VERSION,
+        "index_type": index_type,
+        "index_options": options,
+        "faiss_factory": factory,
+        "dim": dim,
+        "vectors_per_item": vectors_per_item,
+        "count": count,
+        "num_vectors": count * vectors_per_item,
+        "indexed_vectors": int(index.ntotal),
+        "faiss_version": faiss.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_id": uuid.uuid4().hex,
+    }
+    _write_json(work_dir / MANIFEST_FILE, full_manifest)
+    _move_into_place(work_dir, out_dir)
+    if work_dir == default_work_dir:
+        with contextlib.suppress(OSError):  # an IndexWriter's staging dir still holds chunks: it removes it
+            default_work_dir.parent.rmdir()
+    logger.info("index of %d items ready at %s", count, out_dir)
+    return out_dir
+
+
+class _ChunkFiles:
+    """The chunk files of an :class:`IndexWriter`, as a :class:`ChunkSource` (vectors memory-mapped)."""
+
+    def __init__(self, directory: Path, chunk_ids: list[int]):
+        self.paths = [directory / f"chunk-{chunk_id:08d}" for chunk_id in chunk_ids]
+        self.sizes = [np.load(f"{path}.npy", mmap_mode="r").shape[0] for path in self.paths]
+
+    def vectors(self, chunk: int) -> np.ndarray:
+        return np.load(f"{self.paths[chunk]}.npy", mmap_mode="r")
+
+    def items(self, chunk: int) -> list[dict]:
+        return json.loads(Path(f"{self.paths[chunk]}.items.json").read_text(encoding="utf-8"))
+
+
+class IndexWriter:
+    """Collects items chunk by chunk in ``<out_dir>.partial/`` and builds the index with :meth:`finalize`.
+
+    ``resume=True`` keeps the chunks of an interrupted build with the same dim, vectors_per_item and caller
+    ``manifest`` (an IndexLoadError if they differ); ``resume=False`` discards them. ``index_type`` and
+    ``index_options`` only matter to ``finalize``, so they may change between attempts."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        dim: int,
+        vectors_per_item: int,
+        index_type: str = "auto",
+        manifest: Optional[dict] = None,
+        resume: bool = True,
+        index_options: Optional[dict] = None,
+    ):
+        if dim <= 0 or vectors_per_item <= 0:
+            raise ValueError(f"dim ({dim}) and vectors_per_item ({vectors_per_item}) must be positive")
+        if index_type != "auto" and index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type {index_type!r}: expected 'auto' or one of {INDEX_TYPES}")
+        resolve_index_options(index_type if index_type != "auto" else "flat", 1, dim, index_options)  # key check
+        manifest = json.loads(json.dumps(manifest or {}))  # JSON types (tuples -> lists), or a TypeError now
+        reserved = sorted(set(manifest) & (set(MANIFEST_FIELDS) | {"faiss_factory"}))
+        if reserved:
+            raise ValueError(f"manifest fields {reserved} are written by the index itself; rename them")
+        self.out_dir = Path(out_dir)
+        self.staging = self.out_dir.with_name(self.out_dir.name + ".partial")
+        self.dim, self.vectors_per_item = dim, vectors_per_item
+        self.index_type, self.index_options, self.manifest = index_type, index_options, manifest
+        self._chunk_dir = self.staging / "chunks"
+        self._finalized = False
+        settings = {"dim": dim, "vectors_per_item": vectors_per_item, "manifest": manifest}
+        settings_path = self.staging / SETTINGS_FILE
+        if self.staging.exists() and not resume:
+            shutil.rmtree(self.staging)
+        elif settings_path.exists():
+            staged = _read_json(settings_path)
+            if staged != settings:
+                diff = [f"{key}: {staged.get(key)!r} staged, {value!r} now" for key, value in settings.items() if staged.get(key) != value]
+                raise IndexLoadError(
+                    f"{self.staging} holds an interrupted build with other settings ({'; '.join(diff)}): "
+                    "build with the same settings to resume it, or pass resume=False to discard it"
+                )
+        elif self._chunk_dir.exists() and any(self._chunk_dir.iterdir()):
+            raise IndexLoadError(f"{settings_path} is missing next to chunk files: pass resume=False to discard them")
+        self._chunk_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(settings_path, settings)
+        if resume and self.completed_chunks():
+            logger.info("resuming the build in %s: %d chunks already written", self.staging, len(self.completed_chunks()))
+
+    def completed_chunks(self) -> set[int]:
+        """Chunk ids written in full (their items file, written after the vectors, is the commit mark)."""
+        done = set()
+        for path in self._chunk_dir.glob("chunk-*.items.json"):
+            stem = path.name[: -len(".items.json")]
+            if (self._chunk_dir / f"{stem}.npy").exists():
+                done.add(int(stem[len("chunk-") :]))
+        return done
+
+    def write_chunk(self, chunk_id: int, vectors: np.ndarray, items: list[dict]) -> None:
+        """Store one chunk: ``vectors`` [n, vectors_per_item, dim] (or [n, dim] for 1), L2-normalised, and
+        ``n`` JSON-serialisable metadata dicts. Rewriting a chunk id replaces it."""
+        if self._finalized:
+            raise RuntimeError(f"{self.out_dir}: this writer is finalized; start a new IndexWriter")
+        if chunk_id < 0:
+            raise ValueError(f"chunk_id must be >= 0, not {chunk_id}")
+        vectors = np.ascontiguousarray(_as_item_vectors(vectors, self.vectors_per_item, self.dim))
+        if len(items) != len(vectors):
+            raise ValueError(f"chunk {chunk_id}: {len(vectors)} items' vectors but {len(items)} metadata dicts")
+        norms = np.linalg.norm(vectors, axis=-1)
+        if len(vectors) and not np.all(np.abs(norms - 1) < 1e-2):
+            raise ValueError(f"chunk {chunk_id}: vectors must be L2-normalised (norms {norms.min():.4f}..{norms.max():.4f})")
+        text = json.dumps(list(items), ensure_ascii=False).encode("utf-8")
+        stem = self._chunk_dir / f"chunk-{chunk_id:08d}"
+        _atomic_write(Path(f"{stem}.npy"), lambda f: np.save(f, vectors))
+        _atomic_write(Path(f"{stem}.items.json"), lambda f: f.write(text))
+
+    def finalize(self) -> Path:
+        """Build the index from chunks 0..last (all must be there) into ``out_dir``; remove the staging dir."""
+        if self._finalized:
+            raise RuntimeError(f"{self.out_dir}: this writer is already finalized")
+        chunk_ids = sorted(self.completed_chunks())
+        if not chunk_ids:
+            raise ValueError(f"no chunks written to {self._chunk_dir}: nothing to index")
+        missing = sorted(set(range(chunk_ids[-1] + 1)) - set(chunk_ids))
+        if missing:
+            raise ValueError(f"chunks {missing[:20]} of 0..{chunk_ids[-1]} are missing in {self._chunk_dir}: write them first")
+        build_index(
+            self.out_dir,
+            _ChunkFiles(self._chunk_dir, chunk_ids),
+            dim=self.dim,
+            vectors_per_item=self.vectors_per_item,
+            index_type=self.index_type,
+            index_options=self.index_options,
+            manifest=self.manifest,
+            work_dir=self.staging / "build",
+        )
+        shutil.rmtree(self.staging)
+        self._finalized = True
+        return self.out_dir
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexLoadError(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise IndexLoadError(f"{path} is unreadable or not JSON ({error}): rebuild the index") from None
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        hint = ""
+        if path.with_name(path.name + ".partial").is_dir():
+            hint = f"; an unfinished build is in {path.name}.partial/: rerun the build to resume and finalize it"
+        raise IndexLoadError(f"{path}: no retrieval index there (not a directory){hint}")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise IndexLoadError(f"{manifest_path} is missing: {path} is not a finished retrieval index; rebuild it")
+    manifest = _read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise IndexLoadError(f"{manifest_path} is not a JSON object: rebuild the index")
+    bad = [name for name, kind in MANIFEST_FIELDS.items() if not isinstance(manifest.get(name), kind)]
+    if bad:
+        raise IndexLoadError(f"{manifest_path} lacks valid fields {bad}: rebuild the index")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise IndexLoadError(
+            f"{manifest_path} has format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}: "
+            "rebuild the index with this version"
+        )
+    if manifest["index_type"] not in INDEX_TYPES:
+        raise IndexLoadError(f"{manifest_path}: unknown index_type {manifest['index_type']!r}; expected one of {INDEX_TYPES}")
+    return manifest
+
+
+# Exactness of the flat (and exact-rescored) item ranking, for k items of V vectors each:
+# (1) Text query. Take the top k*V vectors by score. Each item owns at most V of them, so they cover at
+#     least k distinct items. Walking the list best first, an item's first vector is its best one, so
+#     ordering items by first appearance orders them by max-over-vectors score. An item absent from the
+#     list has every vector at or below the list's last score, hence at or below the k-th item found:
+#     the first k distinct items are exactly the top k by max score.
+# (2) Multi-vector query q_1..q_m. Let item t be in the overall top k, its score s(t) reached at q_a. In
+#     q_a's own item ranking, an item u above t has s(u) >= s_a(u) > s_a(t) = s(t), so fewer than k items
+#     precede t: t is in q_a's top k, which (1) returns with the exact score s(t). Merging the m lists by
+#     max gives every top-k item its exact score and any other item a score <= its true score <= the
+#     k-th best, so the merged top k is exact.
+# Ties rank the smaller item id first (among the items returned).
+def _top_items(item_ids: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row of [nq, c] candidate (item id, score) pairs (id -1 = none): each item's best score, the
+    top ``k`` items by score (then by id), as (ids, scores) arrays."""
+    nq, per_query = item_ids.shape
+    query = np.repeat(np.arange(nq), per_query)
+    ids, vals = item_ids.ravel(), scores.ravel()
+    keep = ids >= 0
+    query, ids, vals = query[keep], ids[keep], vals[keep]
+    order = np.lexsort((-vals, ids, query))  # per query, per item, best score first
+    query, ids, vals = query[order], ids[order], vals[order]
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = (query[1:] != query[:-1]) | (ids[1:] != ids[:-1])
+    query, ids, vals = query[first], ids[first], vals[first]
+    order = np.lexsort((ids, -vals, query))  # per query, best score first, then smaller id
+    query, ids, vals = query[order], ids[order], vals[order]
+    starts = np.searchsorted(query, np.arange(nq + 1))
+    return [(ids[lo : min(lo + k, hi)], vals[lo : min(lo + k, hi)]) for lo, hi in zip(starts[:-1], starts[1:])]
+
+
+class RetrievalIndex:
+    """A loaded index: ``search`` returns the top-k items per query, ``items`` their metadata."""
+
+    def __init__(self, path: Path, manifest: dict, index: Any, store: MetadataStore, vectors: Optional[np.ndarray], use_gpu: Optional[bool]):
+        self.path = path
+        self.manifest = manifest
+        self.index_type: str = manifest["index_type"]
+        self.options: dict = manifest["index_options"]
+        self.dim: int = manifest["dim"]
+        self.vectors_per_item: int = manifest["vectors_per_item"]
+        self._cpu_index = index
+        self._index = self._to_gpu(index, use_gpu)
+        self._store = store
+        self._vectors = vectors
+        self._lock = threading.Lock()  # search parameters are set on the shared faiss index
+
+    @classmethod
+    def load(cls, path: str | Path, use_gpu: Optional[bool] = None) -> "RetrievalIndex":
+        """Open the index at ``path``; ``use_gpu``: None = GPU(s) if faiss sees any, True = require, False = CPU.
+
+        Re-reads the manifest afterwards: if a rebuild swapped a new index in meanwhile, it loads again."""
+        path = Path(path)
+        for _ in range(3):
+            manifest = _read_manifest(path)
+            try:
+                index = cls._open(path, manifest, use_gpu)
+            except IndexLoadError:
+                if _read_manifest(path)["build_id"] != manifest["build_id"]:
+                    continue
+                raise
+            if _read_manifest(path)["build_id"] == manifest["build_id"]:
+                return index
+        raise IndexLoadError(f"{path} kept being replaced while loading; retry once the rebuild is done")
+
+    @classmethod
+    def _open(cls, path: Path, manifest: dict, use_gpu: Optional[bool]) -> "RetrievalIndex":
+        index_path = path / INDEX_FILE
+        if not index_path.exists():
+            raise IndexLoadError(f"{index_path} is missing: rebuild the index")
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as error:
+            raise IndexLoadError(f"{index_path} is not a readable faiss index ({error}): rebuild the index") from None
+        if index.ntotal != manifest["indexed_vectors"] or index.d != manifest["dim"]:
+            raise IndexLoadError(
+                f"{index_path} holds {index.ntotal} vectors of dim {index.d}, {path / MANIFEST_FILE} says "
+                f"{manifest['indexed_vectors']} of dim {manifest['dim']}: rebuild the index"
+            )
+        for name in (ITEMS_FILE, OFFSETS_FILE) + ((VECTORS_FILE,) if manifest["index_options"].get("rescore") else ()):
+            if not (path / name).exists():
+                raise IndexLoadError(f"{path / name} is missing: rebuild the index")
+        store = MetadataStore(path)
+        if len(store) != manifest["count"]:
+            raise IndexLoadError(f"{path / OFFSETS_FILE} lists {len(store)} items, the manifest {manifest['count']}: rebuild the index")
+        vectors = None
+        if manifest["index_options"].get("rescore"):
+            vectors = np.load(path / VECTORS_FILE, mmap_mode="r")
+            if vectors.shape != (manifest["count"], manifest["vectors_per_item"], manifest["dim"]):
+                raise IndexLoadError(f"{path / VECTORS_FILE} has shape {list(vectors.shape)}, not the manifest's: rebuild the index")
+        return cls(path, manifest, index, store, vectors, use_gpu)
+
+    def _to_gpu(self, index: Any, use_gpu: Optional[bool]) -> Any:
+        """The index on all GPUs faiss sees (``use_gpu`` None or True), else the CPU index."""
+        gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+        if use_gpu and not gpus:
+            raise IndexLoadError(f"use_gpu=True but faiss {faiss.__version__} sees no GPU: install faiss-gpu (pip install -e .[gpu])")
+        if use_gpu is False or not gpus:
+            return index
+        if self.index_type == "hnsw":
+            logger.info("faiss has no GPU HNSW: searching %s on the CPU", self.path)
+            return index
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = self.index_type == "ivfpq"  # float16 PQ lookup tables; IVF-Flat and Flat stay float32
+        logger.info("moving %s to %d GPU(s)", self.path, gpus)
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def items(self, item_ids: Sequence[int]) -> list[dict]:
+        """The metadata dicts of ``item_ids``, in that order."""
+        return self._store.get(item_ids)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+        rescore: Optional[int] = None,
+    ) -> list[list[Hit]]:
+        """Top-``k`` items per query, best first. ``queries``: [nq, dim] (text) or [nq, Vq, dim] (image; the
+        score is also the max over the query's vectors), L2-normalised. ``nprobe`` (IVF), ``ef_search``
+        (HNSW) and ``rescore`` (candidates re-scored exactly) override the manifest's defaults."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 2:
+            queries = queries[:, None, :]
+        if queries.ndim != 3 or queries.shape[-1] != self.dim:
+            raise ValueError(f"queries of shape {list(queries.shape)}; expected [nq, {self.dim}] or [nq, Vq, {self.dim}]")
+        if k <= 0:
+            raise ValueError(f"k must be positive, not {k}")
+        rescore = self.options.get("rescore", 0) if rescore is None else rescore
+        if rescore and self._vectors is None:
+            raise ValueError(f"{self.path} was built without rescore, so it stores no vectors to re-score with")
+        if self.options["first_stage"] == "mean" and not rescore:
+            raise ValueError(f"{self.path} has a 'mean' first stage: rescore must be > 0")
+        wanted = max(k, rescore)
+        with self._lock:
+            ranked = self._first_stage(queries, wanted, nprobe, ef_search)
+        if rescore:
+            ranked = self._rescore(queries, ranked, k)
+        return [[Hit(int(i), float(s)) for i, s in zip(ids, scores)] for ids, scores in ranked]
+
+    def _first_stage(self, queries: np.ndarray, wanted: int, nprobe: Optional[int], ef_search: Optional[int]) -> list:
+        """Top ``wanted`` items per query from the faiss index (exact for flat, see the proof above)."""
+        nq, query_vectors, dim = queries.shape
+        per_item = 1 if self.options["first_stage"] == "mean" else self.vectors_per_item
+        fetch = wanted * per_item
+        if self.index_type != "flat":
+            fetch = max(wanted, min(fetch, self.options["max_fetch"]))
+        fetch = min(fetch, int(self._cpu_index.ntotal))
+        index = self._index if fetch <= GPU_MAX_K else self._cpu_index
+        self._set_search_parameters(index, nprobe, ef_search, fetch)
+        scores, ids = index.search(np.ascontiguousarray(queries.reshape(nq * query_vectors, dim)), fetch)
+        item_ids = np.where(ids >= 0, ids // per_item, -1)
+        return _top_items(item_ids.reshape(nq, -1), scores.reshape(nq, -1), wanted)
+
+    def _set_search_parameters(self, index: Any, nprobe: Optional[int], ef_search: Optional[int], fetch: int) -> None:
+        space = faiss.GpuParameterSpace() if index is not self._cpu_index else faiss.ParameterSpace()
+        if self.index_type in ("ivf", "ivfpq"):
+            space.set_index_parameter(index, "nprobe", min(nprobe or self.options["nprobe"], self.options["nlist"]))
+        elif self.index_type == "hnsw":
+            space.set_index_parameter(index, "efSearch", max(ef_search or self.options["ef_search"], fetch))
+
+    def _rescore(self, queries: np.ndarray, ranked: list, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Exact max-over-vectors scores of each query's candidates (float16 stored vectors), top ``k``."""
+        rescored = []
+        for query, (ids, _) in zip(queries, ranked):
+            ids = np.sort(ids)  # sorted rows read the memory map in file order
+            vectors = np.take(FLOAT16_TO_32, self._vectors[ids].view(np.uint16)).reshape(-1, self.dim)
+            scores = (vectors @ query.T).reshape(len(ids), self.vectors_per_item * len(query)).max(axis=1)
+            best = np.lexsort((ids, -scores))[:k]
+            rescored.append((ids[best], scores[best]))
+        return rescored
