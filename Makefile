@@ -1,4 +1,5 @@
-# lavis_lite: `make install`, `make test`, `make demo`, `make stage1|stage2 [CONFIG=...] [NPROC=N] [ARGS="key=value ..."]`.
+# lavis_lite: `make install`, `make test`, `make demo`, `make stage1|stage2 [CONFIG=...] [NPROC=N] [ARGS="key=value ..."]`,
+# `make index`, `make search Q="a red circle"`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU machines pin torch/torchvision to the CPU wheel; GPU nodes keep the CUDA torch they installed.
@@ -11,7 +12,7 @@ ARGS   ?=
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY) -m,$(VENV)/bin/accelerate launch --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no --multi_gpu -m)
 RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test demo demo-assets stage1 stage2
+.PHONY: install test demo demo-assets stage1 stage2 index search
 
 install: $(VENV)/.installed
 
@@ -47,7 +48,24 @@ stage2: $(if $(filter configs/stage2/demo.yaml,$(STAGE2_CONFIG)),runs/stage1-dem
 runs/stage1-demo/checkpoints/latest: | demo-assets
 	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml
 
-# The embedded default end to end: stage 1 (held-out retrieval), then stage 2 (held-out captions).
+# Retrieval demo: the stage-1 demo model's index of the 1,000 held-out images (trains stage 1 first when it has
+# none; rebuilt when the checkpoint or the recipe is newer than the index), searched by text with an HTML gallery.
+DEMO_INDEX  := runs/retrieval-demo/index
+DEMO_SEARCH := runs/retrieval-demo/search.html
+Q ?= a red circle
+index: $(DEMO_INDEX)/manifest.json
+
+$(DEMO_INDEX)/manifest.json: runs/stage1-demo/checkpoints/latest configs/retrieval/demo.yaml | demo-assets
+	$(RUN_ENV) $(PY) -m retrieval.build --config configs/retrieval/demo.yaml
+
+search: $(DEMO_INDEX)/manifest.json
+	$(RUN_ENV) $(PY) -m retrieval.search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) "$(Q)"
+
+# The embedded default end to end: stage 1 (held-out retrieval), stage 2 (held-out captions), then the retrieval
+# index of the held-out images and a few text searches (the hits also in runs/retrieval-demo/search.html).
 demo: demo-assets
 	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml
 	$(RUN_ENV) $(PY) -m stage2.train --config configs/stage2/demo.yaml
+	$(RUN_ENV) $(PY) -m retrieval.build --config configs/retrieval/demo.yaml resume=false
+	$(RUN_ENV) $(PY) -m retrieval.search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) \
+		"a red circle" "a large blue square on the left" "a small yellow star above a large green triangle"

@@ -66,3 +66,27 @@ def retrieval_recall(
             caption_id[t] in image_captions[order_t2i[t, 0].item()] for t in range(len(txt2img))
         ) / len(txt2img)
     return metrics
+
+
+def evaluate_similarity(
+    sim_i2t: Tensor,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    *,
+    rerank_k: int = 0,
+    itm_scores: Optional[PairScorer] = None,
+    captions: Optional[Sequence[str]] = None,
+) -> dict[str, float]:
+    """BLIP-2's retrieval evaluation from an ITC similarity [N_img, N_txt]: `retrieval_recall`'s metrics; with
+    `rerank_k` (and `itm_scores`) the same after re-ranking each query's top k, prefixed `itm_`; plus `count`
+    (images) and the chance levels `chance_r{k}` of text -> image."""
+    metrics = retrieval_recall(sim_i2t, img2txt, txt2img, captions=captions)
+    if rerank_k:
+        if itm_scores is None:
+            raise ValueError("rerank_k needs itm_scores")
+        i2t, t2i = rerank_top_k(sim_i2t, rerank_k, itm_scores)
+        reranked = retrieval_recall(i2t, img2txt, txt2img, sim_t2i=t2i, captions=captions)
+        metrics.update({f"itm_{k}": v for k, v in reranked.items()})
+    count = sim_i2t.shape[0]
+    metrics.update(count=count, **{f"chance_r{k}": min(1.0, k / count) for k in (1, 5, 10)})
+    return metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lavis_lite.data.training_data import HeldOut
-from lavis_lite.retrieval_metrics import rerank_top_k, retrieval_recall
+from lavis_lite.retrieval_metrics import evaluate_similarity
 from lavis_lite.stage1_model import Blip2Stage1
 
 from .config import EvalConfig
@@ -29,8 +29,7 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, held: HeldOut, cfg: EvalCo
         text_feats.append(model.text_features(batch.input_ids, batch.attention_mask)[1].float())
     sim = model.itc_similarity(torch.cat(image_feats), torch.cat(text_feats)).cpu()
     count = sim.shape[0]
-    pairs = [[i] for i in range(count)], list(range(count))
-    metrics = retrieval_recall(sim, *pairs, captions=held.captions)
+    itm = None
     if cfg.itm_rerank_k:
         embeds = torch.cat(image_embeds)
         flat = tokenizer(held.captions, padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt").to(device)
@@ -39,8 +38,5 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, held: HeldOut, cfg: EvalCo
             logits = model.itm_logits(embeds[images.to(device)], flat.input_ids[texts.to(device)], flat.attention_mask[texts.to(device)])
             return logits[:, 1].float().cpu()
 
-        i2t, t2i = rerank_top_k(sim, cfg.itm_rerank_k, itm)
-        reranked = retrieval_recall(i2t, *pairs, sim_t2i=t2i, captions=held.captions)
-        metrics.update({f"itm_{k}": v for k, v in reranked.items()})
-    metrics.update(count=count, **{f"chance_r{k}": min(1.0, k / count) for k in (1, 5, 10)})
-    return metrics
+    pairs = [[i] for i in range(count)], list(range(count))
+    return evaluate_similarity(sim, *pairs, rerank_k=cfg.itm_rerank_k, itm_scores=itm, captions=held.captions)

@@ -124,7 +124,8 @@ class _ReadErrors:
             yield self.pending.pop(0)
 
 
-def _caption(raw: dict[str, Any]) -> Optional[str]:
+def sample_caption(raw: dict[str, Any]) -> Optional[str]:
+    """A sample's caption from its raw members ({ext: bytes}): the `.txt`, else the json's "caption"."""
     if "txt" in raw:
         return raw["txt"].decode("utf-8", errors="replace")
     try:
@@ -138,7 +139,7 @@ def _decode(src: Iterable[dict], transform: PairTransform, errors: _ReadErrors) 
     for raw in src:
         yield from errors.drain()
         image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        yield make_sample(raw["__key__"], image, _caption(raw), transform)
+        yield make_sample(raw["__key__"], image, sample_caption(raw), transform)
     yield from errors.drain()
 
 

@@ -1,0 +1,169 @@
+"""Build a retrieval index: `python -m retrieval.build [--config YAML] [key=value ...]`.
+
+Embeds a corpus (webdataset shards, an image folder, or a Karpathy JSON / JSONL / CSV annotation file; see
+retrieval/corpus.py) with a stage-1 model and writes a FAISS index with per-item metadata to `output_dir`:
+
+  target=image   one item per image: its query vectors (text -> image search); metadata: key, locator, captions
+  target=text    one item per caption: one vector (image -> text search); metadata: caption, key, locator
+
+The index is written in chunks of `chunk_size` corpus images: run the same command again after an
+interruption and it continues with the first unfinished chunk.
+
+examples:
+  python -m retrieval.build --config configs/retrieval/demo.yaml
+  python -m retrieval.build --config configs/retrieval/demo.yaml target=text output_dir=runs/retrieval-demo/text-index
+  python -m retrieval.build checkpoint=runs/stage1 corpus.path=photos/ output_dir=runs/photos-index device=cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lavis_lite.config import ConfigError
+from lavis_lite.data import SkipCounter
+from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
+
+from .config import TARGETS, BuildConfig, load_build_config
+from .corpus import Corpus, CorpusEntry, ImageProcessor, batched
+from .index import IndexWriter
+
+DEFAULT_CONFIG = "configs/retrieval/demo.yaml"
+log = logging.getLogger("lavis_lite.retrieval")
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda where available, else cpu; ValueError for cuda without a CUDA device."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available: use device=cpu")
+    return device
+
+
+def check_config(cfg: BuildConfig) -> None:
+    """ConfigError naming the first missing or invalid setting."""
+    for key, value in (("checkpoint", cfg.checkpoint), ("corpus.path", cfg.corpus.path), ("output_dir", cfg.output_dir)):
+        if not value:
+            raise ConfigError(f"{key} is not set: give it in the YAML or as {key}=...")
+    if cfg.target not in TARGETS:
+        raise ConfigError(f"target={cfg.target!r}: choose image (text -> image search) or text (image -> text)")
+    if cfg.batch_size < 1 or cfg.chunk_size < 1:
+        raise ConfigError(f"batch_size and chunk_size must be at least 1 (got {cfg.batch_size}, {cfg.chunk_size})")
+
+
+def index_manifest(cfg: BuildConfig, model: Blip2FeatureExtractor, corpus: Corpus) -> dict[str, Any]:
+    """What the index was built from: searches check the model against it."""
+    source = os.path.abspath(model.source) if os.path.exists(model.source) else model.source
+    return {
+        "checkpoint_id": model.checkpoint_id,
+        "source": source,
+        "embed_dim": model.embed_dim,
+        "num_queries": model.num_queries,
+        "image_size": model.image_size,
+        "target": cfg.target,
+        "corpus": corpus.describe(),
+    }
+
+
+def embed_images(
+    model: Blip2FeatureExtractor,
+    processor: ImageProcessor,
+    corpus: Corpus,
+    entries: list[CorpusEntry],
+    cfg: BuildConfig,
+    skipped: SkipCounter,
+) -> tuple[np.ndarray, list[dict]]:
+    """Image items of a chunk: vectors [n, Q, E] and their metadata (undecodable images left out, counted)."""
+    vectors, items = [], []
+    for kept, pixels in corpus.pixel_batches(entries, processor, cfg.batch_size, skipped, cfg.num_workers):
+        vectors.append(model.image_vectors(pixels).cpu().numpy())
+        items += [{"key": e.key, "locator": e.locator, "captions": e.captions} for e in kept]
+    empty = np.zeros((0, model.num_queries, model.embed_dim), np.float32)
+    return (np.concatenate(vectors) if vectors else empty), items
+
+
+def embed_texts(
+    model: Blip2FeatureExtractor, entries: list[CorpusEntry], cfg: BuildConfig
+) -> tuple[np.ndarray, list[dict]]:
+    """Caption items of a chunk: vectors [n, E] and their metadata."""
+    items = [{"caption": c, "key": e.key, "locator": e.locator} for e in entries for c in e.captions]
+    vectors = [model.text_vectors([i["caption"] for i in part]).cpu().numpy() for part in batched(items, cfg.batch_size)]
+    return (np.concatenate(vectors) if vectors else np.zeros((0, model.embed_dim), np.float32)), items
+
+
+def run(cfg: BuildConfig) -> Path:
+    """Embed the corpus and write (or finish) the index in `cfg.output_dir`; returns the index directory."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    text = cfg.target == "text"
+    corpus = Corpus(cfg.corpus.path, cfg.corpus.kind, cfg.corpus.image_root, cfg.corpus.max_words, require_captions=text)
+    model, vis_processors, _ = load_model_and_preprocess(cfg.checkpoint, device=device)
+    writer = IndexWriter(
+        cfg.output_dir,
+        dim=model.embed_dim,
+        vectors_per_item=1 if text else model.num_queries,
+        index_type=cfg.index_type,
+        manifest=index_manifest(cfg, model, corpus),
+        resume=cfg.resume,
+        index_options=dict(cfg.index_options),
+    )
+    done = writer.completed_chunks()
+    skipped = SkipCounter()
+    written = 0
+    with tqdm(desc=f"indexing ({cfg.target}) -> {cfg.output_dir}", unit="img") as progress:
+        for chunk_id, entries in enumerate(batched(corpus.entries(skipped), cfg.chunk_size)):
+            if chunk_id not in done:
+                start = time.perf_counter()
+                if text:
+                    vectors, items = embed_texts(model, entries, cfg)
+                else:
+                    vectors, items = embed_images(model, vis_processors["eval"], corpus, entries, cfg, skipped)
+                writer.write_chunk(chunk_id, vectors, items)
+                written += len(items)
+                seconds = time.perf_counter() - start
+                log.info("chunk %d: %d images -> %d items in %.1f s", chunk_id, len(entries), len(items), seconds)
+            progress.update(len(entries))
+    if not done and not written:
+        usable = "captions" if text else "images"
+        raise ValueError(f"corpus {cfg.corpus.path} has no usable {usable} ({skipped.summary()})")
+    # Chunks written by an earlier, interrupted run were not decoded again: their image skips are not counted here.
+    log.info("corpus %s: %s", cfg.corpus.path, skipped.summary())
+    return writer.finalize()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m retrieval.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="YAML", help=f"recipe (default: {DEFAULT_CONFIG})")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. target=text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the index; exit status 0, or 2 with `error: ...` on stderr for a bad config, corpus or checkpoint."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        path = run(load_build_config(args.config, args.overrides))
+    except (ValueError, OSError) as err:  # ConfigError, IndexLoadError and ImageError are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"index written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

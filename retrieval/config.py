@@ -1,0 +1,44 @@
+"""An index build recipe: the model, the corpus, what to index and how (an omegaconf structured config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lavis_lite.config import merge_config
+
+
+@dataclass
+class CorpusConfig:
+    """Where the images (and captions) are; see `retrieval.corpus` for the kinds."""
+
+    path: str = ""  # shards (directory / brace pattern / .tar), an image folder, or a .json / .jsonl / .csv file
+    kind: str = "auto"  # auto | shards | folder | karpathy | table
+    image_root: Optional[str] = None  # annotation files: root of their relative image paths (default: the file's folder)
+    max_words: int = 50  # captions are cleaned and truncated as in training
+
+
+@dataclass
+class BuildConfig:
+    """`python -m retrieval.build`: embed a corpus with a stage-1 model and write a retrieval index."""
+
+    checkpoint: str = ""  # stage-1 run or checkpoint directory (or any name `load_model_and_preprocess` takes)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    target: str = "image"  # image: one item per image (all its query vectors) | text: one item per caption
+    output_dir: str = ""  # the index directory (an existing index there is replaced when the build finishes)
+    resume: bool = True  # continue an interrupted build of output_dir; false: discard its chunks and start again
+    batch_size: int = 64  # images or captions per forward pass
+    chunk_size: int = 1024  # corpus images per index chunk (the unit of resume; bounds memory)
+    num_workers: int = 4  # threads decoding and resizing images
+    device: str = "auto"  # auto (cuda where available) | cpu | cuda
+    index_type: str = "auto"  # see retrieval.index.INDEX_TYPES
+    index_options: dict[str, Any] = field(default_factory=dict)  # passed to the index (e.g. nlist, M)
+
+
+TARGETS = ("image", "text")
+
+
+def load_build_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> BuildConfig:
+    """A BuildConfig from a YAML file (or none: the defaults) and `key=value` overrides; unknown keys raise."""
+    return merge_config(BuildConfig, [path] if path else [], overrides)

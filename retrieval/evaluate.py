@@ -1,0 +1,149 @@
+"""Zero-shot retrieval evaluation, BLIP-2's protocol: `python -m retrieval.evaluate --checkpoint DIR [--corpus PATH]`.
+
+Every image is scored against every caption by ITC similarity (the best of the image's query vectors);
+recall@1/5/10 is reported text -> image and image -> text, then again after re-ranking each query's top k
+(`--rerank-k`, BLIP-2 uses 128; 0 skips it) by ITM logit + ITC similarity. The corpus is a COCO / Flickr30K
+Karpathy test JSON (`[{"image": path, "caption": [...]}]`, with `--image-root`), webdataset shards (default:
+the demo's held-out split, data/synthetic/val) or any other corpus retrieval.build reads. Writes the metrics
+(fractions) to `--out` as JSON and prints them as a table.
+
+examples:
+  python -m retrieval.evaluate --checkpoint runs/stage1-demo --rerank-k 16
+  python -m retrieval.evaluate --checkpoint runs/stage1 --corpus coco_karpathy_test.json --image-root coco/images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lavis_lite.checkpoint import atomic_write_text
+from lavis_lite.data import SkipCounter
+from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.retrieval_metrics import evaluate_similarity
+from lavis_lite.stage1_model import Blip2Stage1
+
+from .build import resolve_device
+from .corpus import Corpus, ImageProcessor, batched
+from .search import int_at_least
+
+DEFAULT_CORPUS = "data/synthetic/val"
+DEFAULT_OUT = "runs/retrieval-eval/metrics.json"
+SIMILARITY_BLOCK = 64  # images per block of the similarity matrix ([block, texts, queries] floats at a time)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m retrieval.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--checkpoint", required=True, metavar="DIR", help="stage-1 run or checkpoint directory")
+    add("--corpus", default=DEFAULT_CORPUS, metavar="PATH", help=f"test set (default: {DEFAULT_CORPUS})")
+    add("--image-root", metavar="DIR", help="root of an annotation file's image paths (default: its folder)")
+    add("--rerank-k", type=int_at_least(0), default=128, metavar="K",
+        help="ITM re-rank of each query's top K (default: 128, BLIP-2's; 0: ITC only)")
+    add("--out", default=DEFAULT_OUT, metavar="FILE", help=f"metrics JSON (default: {DEFAULT_OUT})")
+    add("--batch-size", type=int_at_least(1), default=64, metavar="N", help="images / captions per forward pass")
+    add("--num-workers", type=int_at_least(1), default=4, metavar="N", help="image decoding threads (default: 4)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
+    return parser
+
+
+def embed_corpus(
+    model: Blip2FeatureExtractor,
+    processor: ImageProcessor,
+    corpus: Corpus,
+    args: argparse.Namespace,
+    skipped: SkipCounter,
+) -> tuple[Tensor, Tensor, list[str], list[list[int]], list[int]]:
+    """Image vectors [N,Q,E], the images' encoder tokens (CPU; empty without re-ranking), the captions and
+    the pairings `img2txt` / `txt2img`, over the images that decode."""
+    vectors, embeds, texts, img2txt, txt2img = [], [], [], [], []
+    batches = corpus.pixel_batches(corpus.entries(skipped), processor, args.batch_size, skipped, args.num_workers)
+    with tqdm(desc="embedding images", unit="img") as progress:
+        for entries, pixels in batches:
+            tokens = model.encode_images(pixels)
+            vectors.append(model.image_vectors(image_embeds=tokens).cpu())
+            if args.rerank_k:
+                embeds.append(tokens.cpu())
+            for entry in entries:
+                img2txt.append(list(range(len(texts), len(texts) + len(entry.captions))))
+                txt2img += [len(img2txt) - 1] * len(entry.captions)
+                texts += entry.captions
+            progress.update(len(entries))
+    if not vectors:
+        raise ValueError(f"corpus {args.corpus} has no usable image with a caption ({skipped.summary()})")
+    return torch.cat(vectors), (torch.cat(embeds) if embeds else torch.empty(0)), texts, img2txt, txt2img
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluation report: metrics (fractions), counts, skips and what was evaluated."""
+    corpus = Corpus(args.corpus, image_root=args.image_root, require_captions=True)
+    model, vis_processors, _ = load_model_and_preprocess(args.checkpoint, device=resolve_device(args.device))
+    skipped = SkipCounter()
+    image_vectors, image_embeds, texts, img2txt, txt2img = embed_corpus(model, vis_processors["eval"], corpus, args, skipped)
+    text_vectors = torch.cat([model.text_vectors(batch).cpu() for batch in batched(texts, args.batch_size)])
+    sim = torch.cat([Blip2Stage1.itc_similarity(block, text_vectors) for block in image_vectors.split(SIMILARITY_BLOCK)])
+    rerank = f"ITM re-rank of the top {args.rerank_k}"
+    progress = tqdm(total=sum(sim.shape), desc=rerank, unit="query", disable=not args.rerank_k)
+
+    def itm(images: Tensor, captions: Tensor) -> Tensor:
+        progress.update(1)
+        return model.itm_scores(image_embeds=image_embeds[images], texts=[texts[t] for t in captions.tolist()]).cpu()
+
+    with progress:
+        metrics = evaluate_similarity(sim, img2txt, txt2img, rerank_k=args.rerank_k, itm_scores=itm, captions=texts)
+    return {
+        "checkpoint": args.checkpoint,
+        "checkpoint_id": model.checkpoint_id,
+        "corpus": corpus.describe(),
+        "images": len(img2txt),
+        "texts": len(texts),
+        "rerank_k": args.rerank_k,
+        "skipped": skipped.as_dict(),
+        "metrics": metrics,
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Recall@1/5/10 both ways, ITC and re-ranked, next to chance, as aligned lines."""
+    metrics = report["metrics"]
+    lines = [f"retrieval on {report['corpus']['path']}: {report['images']} images, {report['texts']} captions"]
+    lines.append(f"{'':<34}{'R@1':>8}{'R@5':>8}{'R@10':>8}")
+    rows = [("", "ITC")] + ([("itm_", f"ITC + ITM, top {report['rerank_k']}")] if report["rerank_k"] else [])
+    for prefix, ranking in rows:
+        for direction, name in (("t2i", "text -> image"), ("i2t", "image -> text")):
+            cells = "".join(f"{100 * metrics[f'{prefix}{direction}_r{k}']:>7.1f}%" for k in (1, 5, 10))
+            lines.append(f"{f'{name} ({ranking})':<34}{cells}")
+    chance = "".join(f"{100 * metrics[f'chance_r{k}']:>7.1f}%" for k in (1, 5, 10))
+    lines.append(f"{'chance (text -> image)':<34}{chance}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate; exit status 0, or 2 with `error: ...` on stderr for a bad checkpoint or corpus."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        report = evaluate(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"metrics written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
