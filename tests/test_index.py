@@ -340,6 +340,7 @@ def test_search_validates_queries(exact_case):
         index.search(np.zeros((2, 32), np.float32), 0)
 
 
+# Asserts the error for use_gpu=True where faiss sees no GPU; on a GPU machine that call is valid, so it skips there.
 @pytest.mark.skipif(index_module.faiss.get_num_gpus() > 0, reason="a GPU is present")
 def test_use_gpu_true_without_a_gpu_is_an_error(exact_case):
     _, index = exact_case
