@@ -86,12 +86,15 @@ class Blip2Stage2(nn.Module):
         """Pixels [B,3,H,W] -> frozen encoder tokens [B,N,C] (before ln_vision, as the feature cache holds)."""
         return self.vision(images)
 
-    def soft_prompts(self, image_embeds: Tensor) -> Tensor:
-        """Frozen encoder tokens [B,N,C] -> the LLM's soft prompts [B,Q,W] (in the LLM's dtype)."""
+    def query_outputs(self, image_embeds: Tensor) -> Tensor:
+        """Frozen encoder tokens [B,N,C] -> the Q-Former's query outputs [B,Q,H]."""
         image_embeds = self.ln_vision(image_embeds)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        query_out, _ = self.qformer(query_embeds=queries, image_embeds=image_embeds)
-        return self.language_projection(query_out).to(self.llm.dtype)
+        return self.qformer(query_embeds=queries, image_embeds=image_embeds)[0]
+
+    def soft_prompts(self, image_embeds: Tensor) -> Tensor:
+        """Frozen encoder tokens [B,N,C] -> the LLM's soft prompts [B,Q,W] (in the LLM's dtype)."""
+        return self.language_projection(self.query_outputs(image_embeds)).to(self.llm.dtype)
 
     def _image_embeds(self, images: Optional[Tensor], image_embeds: Optional[Tensor]) -> Optional[Tensor]:
         if image_embeds is None and images is not None:
