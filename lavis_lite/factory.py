@@ -98,8 +98,8 @@ def load_stage2_checkpoint(
             f"{path} is not a stage-2 checkpoint (its {CONFIG} has no model.llm): give a stage-2 run directory "
             "(the train.output_dir of python -m stage2.train) or one of its checkpoints/step-N directories"
         )
-    # The trained weights replace the stage-1 initialisation, which need not exist any more.
-    cfg = merge_config(Stage2ModelConfig, [run_config["model"]], ["stage1_checkpoint=null", *overrides])
+    # The trained weights replace the stage-1 or BERT initialisation, which need not exist any more.
+    cfg = merge_config(Stage2ModelConfig, [run_config["model"]], ["stage1_checkpoint=null", "qformer.bert=null", *overrides])
     model = create_stage2_model(cfg, device=device)
     load_trainable_state_dict(model, load_weights(path), str(path))
     return model

@@ -248,7 +248,8 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
 
     Self-attention, text FFN, embeddings and (when present) the MLM head come from
     BERT; each query FFN starts as a copy of its layer's text FFN; cross-attention
-    and rows added to the vocabulary (e.g. `[DEC]`) keep their random init.
+    and rows added to the vocabulary (e.g. `[DEC]`) keep their random init. A query-only
+    Q-Former (`with_text=False`, stage 2) takes the same weights less the text side.
     """
     bert_dir = Path(bert_dir)
     config_file = bert_dir / "config.json"
@@ -277,11 +278,12 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
         raise ValueError(f"qformer.vocab_size={qformer.cfg.vocab_size} is smaller than {bert_dir}'s {word.shape[0]} tokens")
     with torch.no_grad():
         emb = qformer.embeddings
-        emb.word.weight[: word.shape[0]] = word
-        # BERT adds token type 0 to every token; folding it into the positions keeps BERT's function exactly.
-        position = take("embeddings.position_embeddings.weight")
-        token_type = bert.get("embeddings.token_type_embeddings.weight")
-        emb.position.weight.copy_(position + (0 if token_type is None else token_type[0]))
+        if emb.word is not None:
+            emb.word.weight[: word.shape[0]] = word
+            # BERT adds token type 0 to every token; folding it into the positions keeps BERT's function exactly.
+            position = take("embeddings.position_embeddings.weight")
+            token_type = bert.get("embeddings.token_type_embeddings.weight")
+            emb.position.weight.copy_(position + (0 if token_type is None else token_type[0]))
         emb.norm.weight.copy_(take("embeddings.LayerNorm.weight"))
         emb.norm.bias.copy_(take("embeddings.LayerNorm.bias"))
         for i, layer in enumerate(qformer.layers):
@@ -293,7 +295,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
             attn.out.bias.copy_(take(p + "attention.output.dense.bias"))
             attn.norm.weight.copy_(take(p + "attention.output.LayerNorm.weight"))
             attn.norm.bias.copy_(take(p + "attention.output.LayerNorm.bias"))
-            for ffn in (layer.ffn_text, layer.ffn_query):
+            for ffn in filter(None, (layer.ffn_text, layer.ffn_query)):
                 ffn.fc1.weight.copy_(take(p + "intermediate.dense.weight"))
                 ffn.fc1.bias.copy_(take(p + "intermediate.dense.bias"))
                 ffn.fc2.weight.copy_(take(p + "output.dense.weight"))
@@ -301,7 +303,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
                 ffn.norm.weight.copy_(take(p + "output.LayerNorm.weight"))
                 ffn.norm.bias.copy_(take(p + "output.LayerNorm.bias"))
         head = qformer.lm_head
-        if "cls.predictions.transform.dense.weight" in bert:
+        if head is not None and "cls.predictions.transform.dense.weight" in bert:
             head.dense.weight.copy_(bert["cls.predictions.transform.dense.weight"])
             head.dense.bias.copy_(bert["cls.predictions.transform.dense.bias"])
             head.norm.weight.copy_(bert["cls.predictions.transform.LayerNorm.weight"])

@@ -5,7 +5,9 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
 from lavis_lite import create_model
+from lavis_lite.factory import create_stage2_model
 from conftest import redraw_, tiny_config
+from tiny_llm import save_tiny_llm
 
 WORDS = ["a", "red", "blue", "circle", "square", "small", "big", "on", "the", "left", "right", "of"]
 
@@ -41,6 +43,19 @@ def test_qformer_text_pass_equals_bert(bert_dir):
     for layer in model.qformer.layers:
         for a, b in zip(layer.ffn_query.parameters(), layer.ffn_text.parameters()):
             assert torch.equal(a, b), "query FFN starts as a copy of the text FFN"
+
+
+def test_stage2_without_stage1_starts_from_the_same_bert(bert_dir, tmp_path):
+    """Stage 2 started without a stage-1 checkpoint takes BERT's weights on its query side as stage 1 does."""
+    stage1, _ = create_model(tiny_config(f"qformer.bert={bert_dir}", "qformer.vocab_size=18"))
+    stage2 = create_stage2_model(
+        "tiny-stage2", [f"llm.path={save_tiny_llm('llama', tmp_path)}", f"qformer.bert={bert_dir}", "qformer.vocab_size=18"]
+    )
+    theirs = stage1.qformer.state_dict()
+    from_bert = {k: v for k, v in stage2.qformer.state_dict().items() if ".cross_attn." not in k}
+    assert any(".ffn_query." in k for k in from_bert) and all(k in theirs for k in from_bert)
+    for name, weight in from_bert.items():
+        assert torch.equal(weight, theirs[name]), name
 
 
 def test_mismatched_bert_is_named(bert_dir):
