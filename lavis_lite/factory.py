@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from .checkpoint import CONFIG, load_trainable_state_dict, load_weights, resolve_checkpoint
 from .config import ConfigError, ModelConfig, Stage2ModelConfig, load_model_config, merge_config, named_config, to_dict
 from .llm import load_language_model
+from .qformer import load_bert_weights
 from .stage1_model import Blip2Stage1
 from .stage2_model import Blip2Stage2
 from .tokenizer import build_tokenizer
@@ -75,7 +76,7 @@ def create_stage2_model(
     model: str | Path | Stage2ModelConfig, overrides: Sequence[str] = (), device: str | torch.device = "cpu"
 ) -> Blip2Stage2:
     """A stage-2 model from a name under configs/model/, a YAML path or a Stage2ModelConfig: the frozen LLM
-    loaded from `llm.path`, the Q-Former from `stage1_checkpoint` when it is set."""
+    loaded from `llm.path`, the Q-Former from `stage1_checkpoint` when it is set, else from `qformer.bert`."""
     if isinstance(model, Stage2ModelConfig):
         cfg = merge_config(Stage2ModelConfig, [to_dict(model)], overrides) if overrides else model
     else:
@@ -84,6 +85,8 @@ def create_stage2_model(
     stage2 = Blip2Stage2(cfg, llm, tokenizer)
     if cfg.stage1_checkpoint:
         stage2.load_stage1(cfg.stage1_checkpoint)
+    elif cfg.qformer.bert:
+        load_bert_weights(stage2.qformer, cfg.qformer.bert)
     return stage2.to(device).eval()
 
 

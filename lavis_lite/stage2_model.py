@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .checkpoint import load_weights, resolve_checkpoint
 from .config import ConfigError, Stage2ModelConfig
 from .llm import IGNORE, padded_prompt_ids
-from .qformer import QFormer, load_bert_weights
+from .qformer import QFormer
 from .vision import build_vision_encoder
 
 # The parts of a stage-1 checkpoint that stage 2 starts from (its ITC/ITM/ITG heads are not used).
@@ -46,8 +46,6 @@ class Blip2Stage2(nn.Module):
         width = self.vision.width
         self.ln_vision = nn.LayerNorm(width)
         self.qformer = QFormer(cfg.qformer, encoder_width=width, with_text=False)
-        if cfg.qformer.bert:  # the start without a stage-1 checkpoint (which, when given, replaces these weights)
-            load_bert_weights(self.qformer, cfg.qformer.bert)
         hidden = cfg.qformer.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, hidden) * 0.02)
         self.language_projection = nn.Linear(hidden, llm.get_input_embeddings().embedding_dim)
