@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
 from lavis_lite.data.synthetic import COLOURS, SHAPES
 from lavis_lite.data.training_data import TrainingData
 from lavis_lite.data.webdataset_pipeline import read_images
@@ -80,13 +81,12 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, te
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="runs/stage1-demo", help="stage-1 run directory")
-    parser.add_argument("--config", default="configs/stage1/demo.yaml", help="the stage-1 recipe (data and cache)")
     parser.add_argument("--train", type=int, default=4000, help="training images for the probe")
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the probe's weights")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, _ = load_stage1_checkpoint(args.checkpoint)
-    cfg = load_stage1_config(args.config)
+    cfg = load_stage1_config(resolve_checkpoint(args.checkpoint) / CONFIG)  # its data, and its encoder's image size
     data = TrainingData(cfg.data, cfg.model.vision, model.vision, None, cfg.model.max_text_len, None)
     train_cache, val_cache = data.cache(cfg.data.train_shards, "train"), data.cache(cfg.data.val_shards, "val")
     train = features(model, train_cache, cfg.data.train_shards, args.train)

@@ -3,7 +3,8 @@
 On held-out images of the run's data:
   query outputs  mean cosine between the different query outputs of one image (1.0: every query says the same,
                  so the LLM gets one vector many times) and between two images for the same query (1.0: the
-                 image is ignored);
+                 image is ignored); the first also after the Q-Former's embeddings and after each of its layers,
+                 which shows where the queries merge (self-attention mixes the queries of an image);
   soft prompts   (stage 2) the norm of their image-dependent part over the norm of their mean over images; the
                  LLM's RMSNorm reads directions, so a small ratio leaves the image a small perturbation;
   caption loss   (stage 2, decoder-only LLMs) the LM loss of the true captions in nats per word, by word kind
@@ -23,10 +24,11 @@ import argparse
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
 from lavis_lite.data.synthetic import COLOURS, SHAPES, SIZES
@@ -55,6 +57,23 @@ def query_similarity(query_out: Tensor) -> tuple[float, float]:
     within_image = _off_diagonal_mean(unit @ unit.transpose(1, 2))
     across_images = _off_diagonal_mean(unit.transpose(0, 1) @ unit.permute(1, 2, 0))
     return within_image, across_images
+
+
+def query_similarity_by_layer(qformer: nn.Module, queries_only_pass: Callable[[], object]) -> list[float]:
+    """Within-image query cosine after the Q-Former's embeddings and after each layer, during a queries-only
+    pass of `qformer` (every row is a query) that `queries_only_pass` runs."""
+    hidden: list[Tensor] = []
+
+    def keep(module: nn.Module, args: tuple, output: object) -> None:
+        hidden.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [m.register_forward_hook(keep) for m in (qformer.embeddings, *qformer.layers)]
+    try:
+        queries_only_pass()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [query_similarity(h)[0] for h in hidden]
 
 
 def spread_ratio(soft: Tensor) -> float:
@@ -109,9 +128,11 @@ def loss_by_word_kind(model: Blip2Stage2, image_embeds: Tensor, captions: list[s
     return {kind: (sum(v) / len(v), len(v)) for kind, v in losses.items()}
 
 
-def report_queries(query_out: Tensor) -> None:
-    within, across = query_similarity(query_out)
+def report_queries(qformer: nn.Module, query_outputs: Callable[[], Tensor]) -> None:
+    by_layer = query_similarity_by_layer(qformer, query_outputs)
+    within, across = query_similarity(query_outputs())
     print(f"query outputs: cosine between the queries of one image {within:.4f}, between images (same query) {across:.4f}")
+    print("  between the queries of one image after the embeddings, then each layer: " + " ".join(f"{c:.4f}" for c in by_layer))
 
 
 def main() -> None:
@@ -142,9 +163,9 @@ def main() -> None:
     image_embeds, captions = cache.tokens(range(count)).float(), cache.captions[:count]
     with torch.no_grad():
         if args.stage1:
-            report_queries(model.image_features(model.ln_vision(image_embeds))[0])
+            report_queries(model.qformer, lambda: model.image_features(model.ln_vision(image_embeds))[0])
             return
-        report_queries(model.query_outputs(image_embeds))
+        report_queries(model.qformer, lambda: model.query_outputs(image_embeds))
         soft = model.soft_prompts(image_embeds)
     embedding_norm = model.llm.get_input_embeddings().weight.norm(dim=-1).mean().item()
     print(
