@@ -13,7 +13,7 @@ from tiny_llm import save_tiny_llm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.stage2_diagnostics import (  # noqa: E402
-    loss_by_word_kind, query_similarity, query_similarity_by_layer, spread_ratio, token_word_index, word_kind,
+    loss_by_word_kind, qformer_hidden_states, query_similarity, spread_ratio, token_word_index, word_kind,
 )
 
 
@@ -27,23 +27,23 @@ def test_query_similarity_tells_collapsed_queries_from_ignored_images():
     assert across == pytest.approx(1.0, abs=1e-5) and abs(within) < 0.3
 
 
-def test_query_similarity_by_layer_follows_the_queries_through_the_qformer(tmp_path):
-    """One value after the embeddings and one per layer, the last that of the query outputs; identical query
-    tokens stay identical through every layer; the hooks are gone afterwards."""
+def test_qformer_hidden_states_follow_the_queries_through_the_qformer(tmp_path):
+    """One state after the embeddings and one per layer, the last the query outputs; identical query tokens
+    stay identical through every layer; the hooks are gone afterwards."""
     torch.manual_seed(0)
     model = create_stage2_model("tiny-stage2", [f"llm.path={save_tiny_llm('llama', tmp_path)}"])
     image_embeds = torch.randn(6, 17, model.vision.width)
     with torch.no_grad():
-        by_layer = query_similarity_by_layer(model.qformer, lambda: model.query_outputs(image_embeds))
+        hidden = qformer_hidden_states(model.qformer, lambda: model.query_outputs(image_embeds))
         queries = model.query_tokens.expand(6, -1, -1)
-        assert len(by_layer) == model.cfg.qformer.num_layers + 1
-        assert by_layer[0] == pytest.approx(query_similarity(model.qformer.embeddings(queries, None))[0], abs=1e-6)
-        assert by_layer[-1] == pytest.approx(query_similarity(model.query_outputs(image_embeds))[0], abs=1e-6)
-        assert max(by_layer) < 0.99
+        assert len(hidden) == model.cfg.qformer.num_layers + 1
+        torch.testing.assert_close(hidden[0], model.qformer.embeddings(queries, None))
+        torch.testing.assert_close(hidden[-1], model.query_outputs(image_embeds))
+        assert max(query_similarity(h)[0] for h in hidden) < 0.99
         assert not any(m._forward_hooks for m in model.qformer.modules())
         model.query_tokens.copy_(model.query_tokens[:, :1].expand_as(model.query_tokens))
-        same = query_similarity_by_layer(model.qformer, lambda: model.query_outputs(image_embeds))
-    assert same == pytest.approx([1.0] * len(by_layer), abs=1e-5)
+        same = qformer_hidden_states(model.qformer, lambda: model.query_outputs(image_embeds))
+    assert [query_similarity(h)[0] for h in same] == pytest.approx([1.0] * len(hidden), abs=1e-5)
 
 
 def test_spread_ratio_is_the_image_dependent_part_over_the_mean():

@@ -59,9 +59,9 @@ def query_similarity(query_out: Tensor) -> tuple[float, float]:
     return within_image, across_images
 
 
-def query_similarity_by_layer(qformer: nn.Module, queries_only_pass: Callable[[], object]) -> list[float]:
-    """Within-image query cosine after the Q-Former's embeddings and after each layer, during a queries-only
-    pass of `qformer` (every row is a query) that `queries_only_pass` runs."""
+def qformer_hidden_states(qformer: nn.Module, queries_only_pass: Callable[[], object]) -> list[Tensor]:
+    """The hidden states after the Q-Former's embeddings and after each of its layers, during a queries-only
+    pass of `qformer` (every row is a query) that `queries_only_pass` runs; the last are the query outputs."""
     hidden: list[Tensor] = []
 
     def keep(module: nn.Module, args: tuple, output: object) -> None:
@@ -73,7 +73,7 @@ def query_similarity_by_layer(qformer: nn.Module, queries_only_pass: Callable[[]
     finally:
         for handle in handles:
             handle.remove()
-    return [query_similarity(h)[0] for h in hidden]
+    return hidden
 
 
 def spread_ratio(soft: Tensor) -> float:
@@ -128,11 +128,12 @@ def loss_by_word_kind(model: Blip2Stage2, image_embeds: Tensor, captions: list[s
     return {kind: (sum(v) / len(v), len(v)) for kind, v in losses.items()}
 
 
-def report_queries(qformer: nn.Module, query_outputs: Callable[[], Tensor]) -> None:
-    by_layer = query_similarity_by_layer(qformer, query_outputs)
-    within, across = query_similarity(query_outputs())
+def report_queries(qformer: nn.Module, queries_only_pass: Callable[[], object]) -> None:
+    hidden = qformer_hidden_states(qformer, queries_only_pass)
+    within, across = query_similarity(hidden[-1])
+    by_layer = " ".join(f"{query_similarity(h)[0]:.4f}" for h in hidden)
     print(f"query outputs: cosine between the queries of one image {within:.4f}, between images (same query) {across:.4f}")
-    print("  between the queries of one image after the embeddings, then each layer: " + " ".join(f"{c:.4f}" for c in by_layer))
+    print(f"  between the queries of one image after the embeddings, then each layer: {by_layer}")
 
 
 def main() -> None:
