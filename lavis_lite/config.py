@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +22,10 @@ class VisionConfig:
     image_size: int = 224
     drop_last_block: bool = True  # BLIP-2 uses the penultimate block's output (no final norm)
     precision: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    # kind == "timm", CNNs: earlier feature levels (indices into the trunk's feature_info) pooled to the final
+    # grid and appended to each token's channels, e.g. [2, 3] for EfficientNet's stride-8 and stride-16 maps
+    extra_levels: list[int] = field(default_factory=list)
+    extra_levels_pool: str = "avg"  # avg | max
     # kind == "vit": a small EVA-style ViT built from these fields (tests, HF parity)
     width: int = 64
     depth: int = 2
@@ -73,8 +78,10 @@ class LanguageModelConfig:
     """The frozen LLM of stage 2: any local `AutoModelForCausalLM` / `AutoModelForSeq2SeqLM`, or a GGUF file."""
 
     path: str = ""  # a transformers model directory (save_pretrained layout) or a .gguf file
-    # dtype of the frozen weights: auto = bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU
+    # dtype of the frozen weights: auto = bf16 where it is native (lavis_lite.precision), else fp16 on CUDA and
+    # fp32 on CPU; stage2.train makes auto follow train.precision (the weights are cast once, not at every op)
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    attn_impl: str = "auto"  # transformers' attn_implementation (eager, sdpa, ...); auto: its default on CUDA, eager on CPU
     cache_dir: Optional[str] = None  # where a GGUF is dequantised once (stage2.train: <output_dir>/llm)
 
 
@@ -99,15 +106,36 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def _valid_keys(schema: Any, prefix: str = "") -> dict[str, Any]:
-    """Every dotted key of a dataclass schema, mapped to its field type (dataclass or None)."""
+    """Every dotted key of a dataclass schema, mapped to its field type (a dataclass, or the annotation)."""
     keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         child = type(sub) if dataclasses.is_dataclass(sub) else None
-        keys[prefix + f.name] = child
+        keys[prefix + f.name] = child or hints[f.name]
         if child is not None:
             keys.update(_valid_keys(child, prefix + f.name + "."))
     return keys
+
+
+def _is_mapping(kind: Any) -> bool:
+    return typing.get_origin(kind) is dict
+
+
+def _is_text(kind: Any) -> bool:
+    return kind is str or kind == Optional[str]
+
+
+def _parse_override(item: str, valid: dict[str, Any]) -> tuple[str, Any]:
+    """`key=value` -> (key, value) as YAML reads it, except that text fields keep YAML's boolean words
+    (`train.precision=no`, `=off`) as the text written."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key=value (e.g. qformer.num_layers=6)")
+    key, text = item.split("=", 1)
+    value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+    if isinstance(value, bool) and _is_text(valid.get(key)):
+        value = text
+    return key, value
 
 
 def _reject_unknown(values: Any, valid: dict[str, Any], prefix: str, source: str) -> None:
@@ -121,7 +149,7 @@ def _reject_unknown(values: Any, valid: dict[str, Any], prefix: str, source: str
             nearest = difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.0)
             hint = f"; did you mean '{nearest[0]}'?" if nearest else ""
             raise ConfigError(f"unknown config key '{dotted}' in {source}{hint}")
-        if valid[dotted] is not None:
+        if dataclasses.is_dataclass(valid[dotted]):
             _reject_unknown(value, valid, dotted + ".", source)
 
 
@@ -132,6 +160,7 @@ def merge_config(schema: type, sources: Sequence[str | Path | dict], overrides: 
     values of the wrong type raise `ConfigError` naming the key.
     """
     merged = OmegaConf.structured(schema)
+    valid = _valid_keys(schema)
     layers: list[tuple[Any, str]] = []
     for source in sources:
         if isinstance(source, (str, Path)):
@@ -141,19 +170,24 @@ def merge_config(schema: type, sources: Sequence[str | Path | dict], overrides: 
             layers.append((OmegaConf.load(path), str(path)))
         else:
             layers.append((OmegaConf.create(source), "config dict"))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. qformer.num_layers=6)")
-        key, _ = item.split("=", 1)
-        layers.append((OmegaConf.from_dotlist([item]), f"override '{key}'"))
     for values, source in layers:
-        _reject_unknown(values, _valid_keys(schema), "", source)
-        try:
-            merged = OmegaConf.merge(merged, values)
-        except Exception as err:  # omegaconf's validation errors carry the key in `full_key`
-            key = getattr(err, "full_key", None) or "?"
-            raise ConfigError(f"bad value for config key '{key}' in {source}: {err.args[0].splitlines()[0]}") from None
+        _reject_unknown(values, valid, "", source)
+        merged = _checked(lambda: OmegaConf.merge(merged, values), source)
+    for item in overrides:
+        key, value = _parse_override(item, valid)
+        source = f"override '{key}'"
+        _reject_unknown(OmegaConf.from_dotlist([item]), valid, "", source)
+        # A mapping given on the command line replaces the recipe's (`train.optim.lr_scale={}` clears it).
+        _checked(lambda: OmegaConf.update(merged, key, value, merge=not _is_mapping(valid.get(key))), source)
     return OmegaConf.to_object(merged)
+
+
+def _checked(apply: Callable[[], Any], source: str) -> Any:
+    try:
+        return apply()
+    except Exception as err:  # omegaconf's validation errors carry the key in `full_key`
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"bad value for config key '{key}' in {source}: {err.args[0].splitlines()[0]}") from None
 
 
 def named_config(name_or_path: str | Path) -> Path:

@@ -1,5 +1,7 @@
 """Configs: YAML + overrides merge onto the schema; unknown keys and bad values are named."""
 
+from pathlib import Path
+
 import pytest
 
 from lavis_lite import ConfigError, ModelConfig, create_model, load_model_config, merge_config
@@ -60,3 +62,24 @@ def test_every_shipped_stage1_recipe_loads():
     paper = load_stage1_config(recipes[[p.stem for p in recipes].index("paper-vitg")])
     assert paper.data.batch_size * 16 == 1680 and paper.train.steps == 250_000
     assert paper.train.optim.betas == [0.9, 0.98] and paper.model.qformer.num_query_tokens == 32
+
+
+def test_text_fields_keep_yaml_boolean_words():
+    """`train.precision=no` is accelerate's name for fp32, not YAML's False."""
+    from stage1.config import load_stage1_config
+
+    cfg = load_stage1_config(Path(__file__).resolve().parent.parent / "configs/stage1/tiny.yaml", ["train.precision=no"])
+    assert cfg.train.precision == "no"
+    with pytest.raises(ConfigError, match="bad value for config key 'train.steps'"):
+        load_stage1_config(Path(__file__).resolve().parent.parent / "configs/stage1/tiny.yaml", ["train.steps=no"])
+
+
+def test_a_mapping_override_replaces_the_recipes_mapping():
+    """`train.optim.lr_scale={}` clears the recipe's multipliers (a merge would keep them all)."""
+    from stage2.config import load_stage2_config
+
+    recipe = Path(__file__).resolve().parent.parent / "configs/stage2/demo.yaml"
+    assert load_stage2_config(recipe).train.optim.lr_scale  # the recipe sets some
+    assert load_stage2_config(recipe, ["train.optim.lr_scale={}"]).train.optim.lr_scale == {}
+    replaced = load_stage2_config(recipe, ["train.optim.lr_scale={qformer: 0.5}", "train.optim.lr_scale.ln_vision=0"])
+    assert replaced.train.optim.lr_scale == {"qformer": 0.5, "ln_vision": 0.0}
