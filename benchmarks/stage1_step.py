@@ -15,7 +15,8 @@ import time
 import torch
 
 from lavis_lite.stage1_model import Blip2Stage1
-from lavis_lite.train_loop import param_groups, resolve_precision
+from lavis_lite.precision import resolve_autocast
+from lavis_lite.train_loop import param_groups
 from stage1.config import load_stage1_config
 
 
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_stage1_config(args.config, ["model.qformer.bert=null", "model.vision.checkpoint=null", *args.overrides])
     batch = args.batch or cfg.data.batch_size
-    precision = resolve_precision(cfg.train.precision)
+    precision = resolve_autocast(cfg.train.precision)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(0)
     model = Blip2Stage1(cfg.model).train()

@@ -28,7 +28,7 @@ class TrainConfig:
     output_dir: str = "runs/stage1"
     steps: int = 250_000
     grad_accum: int = 1
-    precision: str = "auto"  # auto | no | fp16 | bf16 (autocast); auto: bf16 where the device runs it natively
+    precision: str = "auto"  # autocast: auto | fp32 (or no) | bf16 | fp16; auto: bf16 where it is native (lavis_lite.precision)
     seed: int = 42
     log_every: int = 50
     eval_every: int = 5000  # 0: evaluate only at the end

@@ -34,6 +34,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .plots import plot_loss_curve
+from .precision import resolve_autocast
 from .train_config import OptimConfig, TrainConfig
 
 log = logging.getLogger("lavis_lite.train")
@@ -97,29 +98,6 @@ def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float
     return factor
 
 
-def resolve_precision(precision: str) -> str:
-    """"auto": bf16 on GPUs that support it (else fp16); on CPUs bf16 only where it is natively fast.
-
-    CPUs without AVX-512-BF16/AMX emulate bf16 matmuls ~100x slower than fp32, so a short probe decides.
-    """
-    if precision != "auto":
-        if precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"train.precision='{precision}' is not one of auto, no, fp16, bf16")
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-    def rate(dtype: torch.dtype) -> float:
-        a = torch.randn(256, 256).to(dtype)
-        a @ a
-        start = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        return 1 / (time.perf_counter() - start)
-
-    return "bf16" if rate(torch.bfloat16) > 1.5 * rate(torch.float32) else "no"
-
-
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
     if not is_main:
         return
@@ -149,7 +127,7 @@ def train(
     """
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    precision = resolve_precision(cfg.precision)
+    precision = resolve_autocast(cfg.precision)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without it, accelerate treats CPU processes as independent runs
         mixed_precision=precision,

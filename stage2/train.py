@@ -8,6 +8,7 @@ metrics.jsonl, loss_curve.png, train.log, tensorboard/ and llm/ (a GGUF LLM's de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -16,12 +17,13 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from lavis_lite.config import ConfigError
+from lavis_lite.config import ConfigError, Stage2ModelConfig
 from lavis_lite.data import SkipCounter
 from lavis_lite.data.training_data import TrainingData
 from lavis_lite.data.webdataset_pipeline import read_images
 from lavis_lite.factory import create_stage2_model
 from lavis_lite.gallery import GalleryItem, write_gallery
+from lavis_lite.precision import resolve_autocast
 from lavis_lite.train_loop import train
 
 from .config import Stage2Config, load_stage2_config
@@ -44,7 +46,7 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
             "(make stage1), or set model.stage1_checkpoint=null to start from the BERT/random Q-Former"
         )
     with state.main_process_first():  # one process dequantises a GGUF LLM, the others then read its copy
-        model = create_stage2_model(cfg.model, device=state.device)
+        model = create_stage2_model(_llm_follows_autocast(cfg), device=state.device)
     skipped = SkipCounter()
     data = TrainingData(cfg.data, cfg.model.vision, model.vision, model.tokenizer, cfg.model.max_text_len, skipped)
     text = caption_text(model, cfg.data.seed)
@@ -65,6 +67,16 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
         gallery = write_caption_gallery(cfg, result.metrics)
         log.info("held-out captions with their images: %s", gallery)
     return {**result.metrics, "train_minutes": result.train_seconds / 60, "skipped": skipped.as_dict()}
+
+
+def _llm_follows_autocast(cfg: Stage2Config) -> Stage2ModelConfig:
+    """The model config with `llm.precision=auto` made the training compute dtype: the frozen LLM is cast
+    once, where autocast would re-cast its fp32 weights at every op (the run's own config keeps `auto`)."""
+    if cfg.model.llm.precision != "auto":
+        return cfg.model
+    mixed = resolve_autocast(cfg.train.precision)
+    llm = dataclasses.replace(cfg.model.llm, precision="fp32" if mixed == "no" else mixed)
+    return dataclasses.replace(cfg.model, llm=llm)
 
 
 def write_caption_gallery(cfg: Stage2Config, metrics: dict) -> Path:

@@ -230,3 +230,31 @@ def test_gguf_is_dequantised_once_into_a_loadable_directory(tmp_path, monkeypatc
     caption = "a red circle on the left"
     ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
     assert len(ids) > 1 and tokenizer.decode(ids) == caption
+
+
+@pytest.mark.parametrize("train_precision, expected", [("bf16", torch.bfloat16), ("no", torch.float32), ("fp32", torch.float32)])
+def test_the_frozen_llm_is_cast_once_to_the_training_compute_dtype(llm_dirs, train_precision, expected):
+    """llm.precision=auto follows train.precision, so autocast never re-casts the LLM's weights at each op;
+    the run's own config keeps `auto`."""
+    from stage2.config import load_stage2_config
+    from stage2.train import _llm_follows_autocast
+
+    recipe = Path(__file__).resolve().parent.parent / "configs/stage2/tiny.yaml"
+    cfg = load_stage2_config(recipe, [f"model.llm.path={llm_dirs['llama']}", "model.llm.precision=auto",
+                                      f"train.precision={train_precision}"])
+    model_cfg = _llm_follows_autocast(cfg)
+    assert cfg.model.llm.precision == "auto"
+    model = create_stage2_model(model_cfg)
+    assert {p.dtype for p in model.llm.parameters()} == {expected}
+    explicit = load_stage2_config(recipe, ["model.llm.precision=fp32", f"train.precision={train_precision}"])
+    assert _llm_follows_autocast(explicit).llm.precision == "fp32"
+
+
+def test_the_lm_head_reads_contiguous_hidden_states(llm_dirs):
+    """The kept positions (`logits_to_keep`) are a strided slice; the head gets a contiguous copy of them."""
+    model = stage2(llm_dirs["llama"])
+    seen = []
+    model.llm.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    batch = lm_inputs(model.tokenizer, False, PROMPTS, CAPTIONS, 24)
+    reference = model(image_embeds=torch.randn(3, 17, model.vision.width), **batch)
+    assert seen == [True] and torch.isfinite(reference.loss)

@@ -1,0 +1,68 @@
+"""Precision: where bf16 is native, and what `auto` means for training and for frozen weights.
+
+Training (`train.precision`, autocast): auto | fp32 (also written `no`, accelerate's name) | bf16 | fp16.
+Frozen weights (`llm.precision`): auto | fp32 | bf16 | fp16. Everywhere `auto` means bf16 where the device
+runs it natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from .config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# train.precision -> accelerate's mixed_precision
+_AUTOCAST = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+@functools.cache
+def _cpu_bf16_is_fast() -> bool:
+    """A short matmul probe: CPUs without AVX512-BF16/AMX emulate bf16 about 100x slower than fp32."""
+
+    def rate(dtype: torch.dtype) -> float:
+        a = torch.randn(256, 256).to(dtype)
+        a @ a
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        return 1 / (time.perf_counter() - start)
+
+    return rate(torch.bfloat16) > 1.5 * rate(torch.float32)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively (faster than fp32) on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_bf16_is_fast()
+
+
+def resolve_dtype(precision: str, device: torch.device | str = "cpu", key: str = "precision") -> torch.dtype:
+    """The dtype of frozen weights for `precision` on `device` (`key` names the setting in errors)."""
+    if precision in DTYPES:
+        return DTYPES[precision]
+    if precision != "auto":
+        raise ConfigError(f"{key}='{precision}' is not one of auto, {', '.join(DTYPES)}")
+    if native_bf16(device):
+        return torch.bfloat16
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_autocast(precision: str) -> str:
+    """accelerate's `mixed_precision` ("no", "bf16", "fp16") for `train.precision` on this machine."""
+    if precision == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[resolve_dtype("auto", device)]
+    if precision not in _AUTOCAST:
+        raise ConfigError(f"train.precision='{precision}' is not one of auto, fp32 (or no), bf16, fp16")
+    return _AUTOCAST[precision]
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype compute runs in under accelerate's `mixed_precision`."""
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]

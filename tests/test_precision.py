@@ -1,0 +1,27 @@
+"""One precision vocabulary: what auto means for autocast and for frozen weights, and the errors."""
+
+import pytest
+import torch
+
+from lavis_lite.config import ConfigError
+from lavis_lite.precision import native_bf16, resolve_autocast, resolve_dtype
+
+
+def test_explicit_precisions():
+    assert resolve_dtype("fp32") is torch.float32 and resolve_dtype("bf16") is torch.bfloat16
+    assert resolve_autocast("fp32") == resolve_autocast("no") == "no"
+    assert resolve_autocast("bf16") == "bf16" and resolve_autocast("fp16") == "fp16"
+
+
+def test_auto_is_bf16_exactly_where_it_is_native():
+    expected = torch.bfloat16 if native_bf16("cpu") else torch.float32
+    assert resolve_dtype("auto", "cpu") is expected
+    if not torch.cuda.is_available():
+        assert resolve_autocast("auto") == ("bf16" if native_bf16("cpu") else "no")
+
+
+def test_bad_precisions_name_the_setting():
+    with pytest.raises(ConfigError, match="llm.precision='fp8' is not one of auto, fp32, bf16, fp16"):
+        resolve_dtype("fp8", key="llm.precision")
+    with pytest.raises(ConfigError, match="train.precision='half'"):
+        resolve_autocast("half")
