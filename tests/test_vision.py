@@ -123,6 +123,62 @@ def test_timm_cnn_tokens() -> None:
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
+def test_timm_cnn_extra_levels_shapes_and_values() -> None:
+    """Each token carries its final-grid cell of the earlier levels: the level's map pooled to the grid."""
+    import timm
+
+    torch.manual_seed(0)
+    for pool, reduce in (("avg", torch.nn.functional.adaptive_avg_pool2d), ("max", torch.nn.functional.adaptive_max_pool2d)):
+        encoder = build_vision_encoder(VisionConfig(**TIMM_CNN, extra_levels=[1, 3], extra_levels_pool=pool))
+        reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+        reference.load_state_dict(encoder.trunk.state_dict())
+        images = torch.randn(2, 3, 64, 64)
+        tokens = encoder(images)
+        assert encoder.width == 1280 + 24 + 112 and tokens.shape == (2, 4, 1280 + 24 + 112)
+        assert encoder.num_tokens(64) == 4
+        with torch.no_grad():
+            final, (level1, level3) = reference.forward_intermediates(images, indices=[1, 3])
+        expected = torch.cat([final, reduce(level1, (2, 2)), reduce(level3, (2, 2))], dim=1).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(tokens, expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(tokens[..., :1280], reference.forward_features(images).flatten(2).transpose(1, 2),
+                                   atol=1e-4, rtol=1e-4)  # the final tokens are unchanged, the levels appended
+
+
+def test_timm_cnn_extra_levels_frozen_traced_and_cacheable(tmp_path: Path) -> None:
+    from lavis_lite.feature_cache import build_feature_cache, cache_fingerprint, trace_encoder
+
+    cfg = VisionConfig(**TIMM_CNN, extra_levels=[2, 3], extra_levels_pool="max")
+    encoder = build_vision_encoder(cfg)
+    parent = nn.ModuleDict({"vision": encoder, "head": nn.Linear(encoder.width, 1)}).train()
+    assert not any(p.requires_grad for p in encoder.parameters()) and not any(m.training for m in encoder.modules())
+    images = torch.randn(3, 3, 64, 64, requires_grad=True)
+    tokens = encoder(images)
+    assert not tokens.requires_grad and encoder.traceable
+    parent["head"](tokens).sum().backward()
+    assert all(p.grad is None for p in encoder.parameters()) and images.grad is None
+
+    traced = trace_encoder(encoder, torch.randn(2, 3, 64, 64))
+    batch = torch.randn(5, 3, 64, 64)  # another batch size than the trace's
+    torch.testing.assert_close(traced(batch), encoder(batch), atol=1e-4, rtol=1e-4)
+
+    base = VisionConfig(**TIMM_CNN)
+    assert cache_fingerprint(cfg, 64, []) != cache_fingerprint(base, 64, [])
+    assert cache_fingerprint(cfg, 64, []) != cache_fingerprint(VisionConfig(**TIMM_CNN, extra_levels=[2, 3]), 64, [])
+    batches = [{"image": batch, "key": [f"k{i}" for i in range(5)], "caption": [f"c{i}" for i in range(5)]}]
+    cache = build_feature_cache(traced, batches, tmp_path / "cache", cache_fingerprint(cfg, 64, []))
+    # the cache stores float16: equal to the encoder's tokens within half precision
+    torch.testing.assert_close(cache.tokens(range(5)), encoder(batch), atol=2e-2, rtol=1e-2)
+
+
+def test_timm_extra_levels_errors() -> None:
+    with pytest.raises(ValueError, match=r"level 4 is not an earlier level.*0\.\.4"):
+        build_vision_encoder(VisionConfig(**TIMM_CNN, extra_levels=[4]))
+    with pytest.raises(ValueError, match="extra_levels_pool='mean'"):
+        build_vision_encoder(VisionConfig(**TIMM_CNN, extra_levels=[2], extra_levels_pool="mean"))
+    with pytest.raises(ValueError, match="needs a timm CNN"):
+        build_vision_encoder(VisionConfig(kind="timm", name="vit_tiny_patch16_224", extra_levels=[2]))
+
+
 def test_timm_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
