@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lavis_lite.data.training_data import HeldOut
+from lavis_lite.query_diversity import query_similarity
 from lavis_lite.retrieval_metrics import evaluate_similarity
 from lavis_lite.stage1_model import Blip2Stage1
 
@@ -13,12 +14,16 @@ from .config import EvalConfig
 
 @torch.no_grad()
 def evaluate_retrieval(model: Blip2Stage1, tokenizer, held: HeldOut, cfg: EvalConfig, max_text_len: int) -> dict:
-    """Metrics as fractions in [0, 1] (`t2i_r1`, ..., `i2t_r10`, `*_r1_caption`), plus chance levels."""
+    """Metrics as fractions in [0, 1] (`t2i_r1`, ..., `i2t_r10`, `*_r1_caption`), chance levels, and the mean
+    cosine between the query outputs of one image (`query_cosine`: 1.0 when they collapsed into one vector)
+    and between images for the same query (`query_cosine_across_images`)."""
     device = model.query_tokens.device
-    image_embeds, image_feats, text_feats = [], [], []
+    image_embeds, image_feats, text_feats, query_out = [], [], [], []
     for chunk in held.tokens():
         embeds = model.ln_vision(chunk.to(device))
-        image_feats.append(model.image_features(embeds)[1].float())
+        outputs, feats, _ = model.image_features(embeds)
+        query_out.append(outputs.float().cpu())
+        image_feats.append(feats.float())
         if cfg.itm_rerank_k:
             image_embeds.append(embeds)
     for start in range(0, len(held.captions), cfg.batch_size):
@@ -39,4 +44,6 @@ def evaluate_retrieval(model: Blip2Stage1, tokenizer, held: HeldOut, cfg: EvalCo
             return logits[:, 1].float().cpu()
 
     pairs = [[i] for i in range(count)], list(range(count))
-    return evaluate_similarity(sim, *pairs, rerank_k=cfg.itm_rerank_k, itm_scores=itm, captions=held.captions)
+    metrics = evaluate_similarity(sim, *pairs, rerank_k=cfg.itm_rerank_k, itm_scores=itm, captions=held.captions)
+    within_image, across_images = query_similarity(torch.cat(query_out))
+    return {**metrics, "query_cosine": within_image, "query_cosine_across_images": across_images}

@@ -85,6 +85,8 @@ def recall_table(metrics: dict) -> str:
         row = "".join(f"{100 * metrics[f'{direction}_r{k}']:>7.1f}%" for k in (1, 5, 10))
         lines.append(f"{name:<16}{row}{100 * metrics[f'{direction}_r1_caption']:>20.1f}%")
     lines.append(f"{'chance':<16}" + "".join(f"{100 * metrics[f'chance_r{k}']:>7.1f}%" for k in (1, 5, 10)))
+    lines.append(f"query outputs: mean cosine between the queries of one image {metrics['query_cosine']:.3f} "
+                 "(1.0: collapsed into one vector)")
     return "\n".join(lines)
 
 

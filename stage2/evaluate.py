@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from lavis_lite.data.synthetic import COLOURS, SHAPES
 from lavis_lite.data.training_data import HeldOut, TextFields
+from lavis_lite.query_diversity import query_similarity
 from lavis_lite.stage2_model import Blip2Stage2
 
 from .config import CaptionEvalConfig
@@ -42,11 +43,12 @@ def evaluate_captions(model: Blip2Stage2, held: HeldOut, cfg: CaptionEvalConfig,
     """Held-out captioning: the LM loss of the true captions (`caption_loss`), generated captions with
     examples, and with `cfg.synthetic_attributes` (the synthetic shapes) `caption_attr_acc` (+ colour/shape
     diagnostics) and the same for the LLM given no image (`caption_attr_acc_no_image`: the prompt alone,
-    one caption for every image)."""
+    one caption for every image); `query_cosine` as in stage 1's evaluation (1.0: the queries collapsed)."""
     device = model.language_projection.weight.device
     limit = cfg.max_images or len(held.captions)
     truths = held.captions[:limit]
     generated: list[str] = []
+    query_out: list[torch.Tensor] = []
     loss_sum, loss_count = 0.0, 0
     settings = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens}
     with tqdm(total=limit, desc="captioning held-out images", unit="img") as progress:
@@ -54,13 +56,17 @@ def evaluate_captions(model: Blip2Stage2, held: HeldOut, cfg: CaptionEvalConfig,
             tokens = tokens[: limit - len(generated)].to(device)
             batch = {k: v.to(device) for k, v in text(truths[len(generated) : len(generated) + len(tokens)]).items()}
             loss_sum += model(image_embeds=tokens, **batch).loss.item() * len(tokens)
+            query_out.append(model.query_outputs(tokens).float().cpu())
             loss_count += len(tokens)
             generated += model.generate(image_embeds=tokens, **settings)
             progress.update(len(tokens))
             if len(generated) >= limit:
                 break
+    within_image, across_images = query_similarity(torch.cat(query_out))
     metrics = {
         "caption_loss": loss_sum / loss_count,
+        "query_cosine": within_image,
+        "query_cosine_across_images": across_images,
         "caption_images": limit,
         "caption_examples": [
             {"key": k, "generated": g, "true": t} for k, g, t in zip(held.keys, generated[: cfg.examples], truths)

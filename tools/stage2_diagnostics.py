@@ -35,6 +35,7 @@ from lavis_lite.data.synthetic import COLOURS, SHAPES, SIZES
 from lavis_lite.data.training_data import TrainingData
 from lavis_lite.factory import create_stage2_model, load_stage1_checkpoint, load_stage2_checkpoint
 from lavis_lite.llm import IGNORE
+from lavis_lite.query_diversity import qformer_hidden_states, query_similarity
 from lavis_lite.stage2_model import Blip2Stage2
 from stage1.config import load_stage1_config
 from stage2.config import load_stage2_config
@@ -42,38 +43,6 @@ from stage2.objective import caption_text
 
 POSITION_WORDS = {"left", "right", "top", "bottom", "center", "corner", "above", "below"}
 CHANCE = {"colour": math.log(len(COLOURS)), "shape": math.log(len(SHAPES))}
-
-
-def _off_diagonal_mean(gram: Tensor) -> float:
-    """Mean of the off-diagonal entries of [..., n, n] matrices."""
-    n = gram.shape[-1]
-    diagonal = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return ((gram.sum((-2, -1)) - diagonal) / (n * (n - 1))).mean().item()
-
-
-def query_similarity(query_out: Tensor) -> tuple[float, float]:
-    """Mean cosine between the queries of one image, and between images for one query ([B,Q,H], B, Q >= 2)."""
-    unit = F.normalize(query_out.float(), dim=-1)
-    within_image = _off_diagonal_mean(unit @ unit.transpose(1, 2))
-    across_images = _off_diagonal_mean(unit.transpose(0, 1) @ unit.permute(1, 2, 0))
-    return within_image, across_images
-
-
-def qformer_hidden_states(qformer: nn.Module, queries_only_pass: Callable[[], object]) -> list[Tensor]:
-    """The hidden states after the Q-Former's embeddings and after each of its layers, during a queries-only
-    pass of `qformer` (every row is a query) that `queries_only_pass` runs; the last are the query outputs."""
-    hidden: list[Tensor] = []
-
-    def keep(module: nn.Module, args: tuple, output: object) -> None:
-        hidden.append(output[0] if isinstance(output, tuple) else output)
-
-    handles = [m.register_forward_hook(keep) for m in (qformer.embeddings, *qformer.layers)]
-    try:
-        queries_only_pass()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hidden
 
 
 def spread_ratio(soft: Tensor) -> float:
