@@ -1,35 +1,37 @@
-"""Is the objects' colour and shape in the stage-1 query outputs? A linear probe on the demo's data.
+"""Where are the objects' colours and shapes, and where are they lost? A linear probe on the demo's data.
 
-Fits one logistic regression per attribute value (which colours, which shapes appear in the image) on the
-frozen features of N training images and reports, on the held-out images, the share whose predicted colour
-set / shape set is exactly right. Features: the stage-1 Q-Former's query outputs (what stage 2 bridges to the
-LLM), the frozen encoder's tokens after `ln_vision`, and 16x16 pixels as a reference.
+For each colour and shape, one linear score per token (an encoder token or a query output), max-pooled over
+the tokens: "is there a red object anywhere", as the Q-Former's queries can read it. Fitted with Adam on the
+frozen features of N training images; reported on the held-out images as the share whose predicted colour
+set / shape set is exactly right. Each token is LayerNorm'ed first, as `ln_vision` does. Encoder tokens come
+from the recipe's feature cache (built once, as training builds it).
 
-    python tools/attribute_probe.py --checkpoint runs/stage1-demo --train 4000
+    python tools/attribute_probe.py --checkpoint runs/stage1-demo          # its query outputs and its encoder's tokens
+    python tools/attribute_probe.py --config configs/stage1/demo.yaml \\
+        --variant "model.vision.extra_levels=[]" --variant "model.vision.extra_levels=[2,3]"   # encoders compared
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import shlex
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from torch import Tensor
 
 from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
 from lavis_lite.data.synthetic import COLOURS, SHAPES
 from lavis_lite.data.training_data import TrainingData
-from lavis_lite.data.webdataset_pipeline import read_images
 from lavis_lite.factory import load_stage1_checkpoint
+from lavis_lite.vision import build_vision_encoder
 from stage1.config import load_stage1_config
 from stage2.evaluate import named_objects
 
 COLOUR_NAMES = list(COLOURS)
 
 
-def presence(captions: list[str]) -> torch.Tensor:
+def presence(captions: list[str]) -> Tensor:
     """[N, colours + shapes]: 1 where the caption names that colour / shape."""
     targets = torch.zeros(len(captions), len(COLOUR_NAMES) + len(SHAPES))
     for row, caption in enumerate(captions):
@@ -39,63 +41,83 @@ def presence(captions: list[str]) -> torch.Tensor:
     return targets
 
 
-@torch.no_grad()
-def features(model, cache, shards: str, count: int) -> dict[str, torch.Tensor]:
-    query_out, tokens = [], []
-    for start in range(0, count, 250):
-        embeds = model.ln_vision(cache.tokens(range(start, min(count, start + 250))))
-        query_out.append(model.image_features(embeds)[0].flatten(1))
-        tokens.append(embeds.flatten(1))
-    images = read_images(shards, cache.keys[:count])
-    pixels = [np.asarray(Image.open(io.BytesIO(images[k])).convert("RGB").resize((16, 16)), np.float32) for k in cache.keys[:count]]
-    return {
-        "query outputs": torch.cat(query_out),
-        "encoder tokens": torch.cat(tokens),
-        "pixels 16x16": torch.from_numpy(np.stack(pixels)).flatten(1),
-    }
-
-
-def probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, l2: float) -> tuple[float, float]:
-    """Exact-set accuracy of the colours and of the shapes on the test rows."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-4
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    weight = torch.zeros(train_x.shape[1], train_y.shape[1], requires_grad=True)
-    bias = torch.zeros(train_y.shape[1], requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(train_x @ weight + bias, train_y) + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+def probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, epochs: int = 60) -> tuple[float, float]:
+    """Exact-set accuracy of the colours and of the shapes on the test rows; features [N, tokens, C]."""
+    train_x, test_x = (F.layer_norm(x.float(), x.shape[-1:]) for x in (train_x, test_x))
+    generator = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(train_x.shape[-1], train_y.shape[1])
     with torch.no_grad():
-        said, true = (test_x @ weight + bias) > 0, test_y.bool()
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+        head.bias.zero_()
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(order), 256):
+            rows = order[start : start + 256]
+            loss = F.binary_cross_entropy_with_logits(head(train_x[rows]).amax(1), train_y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        said, true = head(test_x).amax(1) > 0, test_y.bool()
     split = len(COLOUR_NAMES)
     colour = (said[:, :split] == true[:, :split]).all(1).float().mean().item()
     shape = (said[:, split:] == true[:, split:]).all(1).float().mean().item()
     return colour, shape
 
 
+def _tokens(cache, count: int) -> Tensor:
+    return torch.cat([cache.tokens(range(s, min(count, s + 500))) for s in range(0, count, 500)])
+
+
+@torch.no_grad()
+def checkpoint_features(path: str, count: int) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str], list[str]]:
+    """(train, held-out) features of a stage-1 run: its encoder's tokens and its query outputs."""
+    model, _ = load_stage1_checkpoint(path)
+    cfg = load_stage1_config(resolve_checkpoint(path) / CONFIG)
+    data = TrainingData(cfg.data, cfg.model.vision, model.vision, None, cfg.model.max_text_len, None)
+    train, held = data.cache(cfg.data.train_shards, "train"), data.cache(cfg.data.val_shards, "val")
+    tokens = _tokens(train, count), _tokens(held, len(held))
+    queries = tuple(model.image_features(model.ln_vision(t))[0] for t in tokens)
+    return {"encoder tokens": tokens, "query outputs": queries}, train.captions[:count], held.captions
+
+
+@torch.no_grad()
+def encoder_features(config: str, overrides: list[str], count: int) -> tuple[tuple[Tensor, Tensor], list[str], list[str]]:
+    """(train, held-out) tokens of the frozen encoder a stage-1 recipe with `overrides` builds (cached once)."""
+    cfg = load_stage1_config(config, overrides)
+    encoder = build_vision_encoder(cfg.model.vision)
+    data = TrainingData(cfg.data, cfg.model.vision, encoder, None, cfg.model.max_text_len, None)
+    train, held = data.cache(cfg.data.train_shards, "train"), data.cache(cfg.data.val_shards, "val")
+    return (_tokens(train, count), _tokens(held, len(held))), train.captions[:count], held.captions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="runs/stage1-demo", help="stage-1 run directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="stage-1 run directory: its encoder tokens and its query outputs")
+    source.add_argument("--config", help="stage-1 recipe whose frozen encoder (with each --variant) is probed")
+    parser.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                        help="with --config: recipe overrides of one encoder variant (repeat to compare)")
     parser.add_argument("--train", type=int, default=4000, help="training images for the probe")
-    parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the probe's weights")
     args = parser.parse_args()
+    if args.variant and not args.config:
+        parser.error("--variant applies to --config")
     torch.manual_seed(0)
-    model, _ = load_stage1_checkpoint(args.checkpoint)
-    cfg = load_stage1_config(resolve_checkpoint(args.checkpoint) / CONFIG)  # its data, and its encoder's image size
-    data = TrainingData(cfg.data, cfg.model.vision, model.vision, None, cfg.model.max_text_len, None)
-    train_cache, val_cache = data.cache(cfg.data.train_shards, "train"), data.cache(cfg.data.val_shards, "val")
-    train = features(model, train_cache, cfg.data.train_shards, args.train)
-    held = features(model, val_cache, cfg.data.val_shards, len(val_cache))
-    train_y, held_y = presence(train_cache.captions[: args.train]), presence(val_cache.captions)
-    print(f"linear probe, {args.train} training / {len(val_cache)} held-out images: exact colour set, exact shape set")
-    for name in train:
-        colour, shape = probe(train[name], train_y, held[name], held_y, args.l2)
-        print(f"  {name:15s} {100 * colour:5.1f}%  {100 * shape:5.1f}%")
+    if args.checkpoint:
+        features, train_captions, held_captions = checkpoint_features(args.checkpoint, args.train)
+    else:
+        features = {}
+        for variant in args.variant or [""]:
+            features[variant or "(the recipe's encoder)"], train_captions, held_captions = encoder_features(
+                args.config, shlex.split(variant), args.train
+            )
+    train_y, held_y = presence(train_captions), presence(held_captions)
+    print(f"linear probe (max over tokens), {args.train} training / {len(held_y)} held-out images: "
+          "exact colour set, exact shape set")
+    for name, (train_x, held_x) in features.items():
+        colour, shape = probe(train_x, train_y, held_x, held_y)
+        print(f"  {name:40s} {100 * colour:5.1f}%  {100 * shape:5.1f}%")
 
 
 if __name__ == "__main__":
