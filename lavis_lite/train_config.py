@@ -19,6 +19,9 @@ class OptimConfig:
     grad_clip: Optional[float] = 1.0  # max gradient norm; None disables clipping
     # Multipliers of lr by module or parameter name, e.g. {qformer: 0.1} (the most specific name wins).
     lr_scale: dict[str, float] = field(default_factory=dict)
+    # Steps before module or parameter names start to train, e.g. {qformer: 100}: a pretrained part waits while
+    # a new layer learns, then warms up over warmup_steps (its learning rate is 0 until then).
+    start_step: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -62,38 +62,52 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
+def _most_specific(name: str, by_prefix: dict, default):
+    """The value of the longest module-name prefix of parameter `name` in `by_prefix`, else `default`."""
+    matches = [prefix for prefix in by_prefix if name == prefix or name.startswith(prefix + ".")]
+    return by_prefix[max(matches, key=len)] if matches else default
+
+
 def param_groups(
-    model: nn.Module, weight_decay: float, lr: Optional[float] = None, lr_scale: Optional[dict[str, float]] = None
+    model: nn.Module,
+    weight_decay: float,
+    lr: Optional[float] = None,
+    lr_scale: Optional[dict[str, float]] = None,
+    start_step: Optional[dict[str, int]] = None,
 ) -> list[dict]:
     """Weight decay on matrices only: norms, biases and the temperature (< 2 dims) are not decayed.
 
     `lr_scale` maps module names to multipliers of `lr` (the most specific name wins), e.g. a pretrained
     Q-Former ({"qformer": 0.1}) fine-tuned slower than a new bridge layer; groups then carry their own `lr`.
+    `start_step` maps module names to the step at which they start to train (their learning rate is 0 until
+    then, then warms up as the schedule does); each group carries its `start_step`.
     """
-    groups: dict[tuple[float, bool], list] = {}
-    prefixes = sorted((lr_scale or {}).items(), key=lambda item: -len(item[0]))
+    groups: dict[tuple[float, int, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            scale = next((s for prefix, s in prefixes if name == prefix or name.startswith(prefix + ".")), 1.0)
-            groups.setdefault((scale, p.ndim >= 2), []).append(p)
+            scale = _most_specific(name, lr_scale or {}, 1.0)
+            start = _most_specific(name, start_step or {}, 0)
+            groups.setdefault((scale, start, p.ndim >= 2), []).append(p)
     out = []
-    for (scale, decayed), params in sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1])):
-        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0}
+    for (scale, start, decayed), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1], not item[0][2])):
+        group = {"params": params, "weight_decay": weight_decay if decayed else 0.0, "start_step": start}
         if lr_scale:
             group["lr"] = lr * scale
         out.append(group)
     return out
 
 
-def warmup_cosine(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of `lr`: linear warm-up from 0, then cosine down to `min_lr` at `total_steps`."""
+def warmup_cosine(optim: OptimConfig, total_steps: int, start_step: int = 0) -> Callable[[int], float]:
+    """Multiplier of `lr`: linear warm-up from 0, then cosine down to `min_lr` at `total_steps`. Parameters
+    that start late are at 0 before `start_step`, then warm up over `warmup_steps` onto the same cosine."""
 
     def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        if step < start_step:
+            return 0.0
+        warm = min(1.0, (step - start_step + 1) / optim.warmup_steps)
+        progress = min(1.0, max(0, step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
         floor = optim.min_lr / optim.lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     return factor
 
@@ -137,10 +151,15 @@ def train(
     log.info("precision: %s (train.precision=%s), %d process(es)", precision, cfg.precision, accelerator.num_processes)
     set_seed(cfg.seed + accelerator.process_index)
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
+        param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale, cfg.optim.start_step),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
     )
     # Stepped by hand, once per optimizer step: accelerate's prepared scheduler steps once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.optim, cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [warmup_cosine(cfg.optim, cfg.steps, group["start_step"]) for group in optimizer.param_groups]
+    )
 
     start_step, nonfinite_total = 0, 0
     checkpoint = latest_checkpoint(run_dir) if resume else None

@@ -96,3 +96,28 @@ def test_recall_and_itm_rerank():
     same = retrieval_recall(sim, [[0], [1], [2]], [0, 1, 2], captions=captions)
     assert same["i2t_r1_caption"] == 1.0, "texts 1 and 2 share a caption, so both images hit"
     assert same["t2i_r1_caption"] == pytest.approx(2 / 3)
+
+
+def test_late_starting_parameters_wait_then_warm_up(tmp_path):
+    """`start_step`: the named module keeps its weights until that step, then trains; the rest trains at once."""
+    factor = warmup_cosine(OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10), total_steps=110, start_step=50)
+    assert factor(49) == 0.0 and factor(50) == pytest.approx(0.1 * warmup_cosine(
+        OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10), total_steps=110)(50))
+    assert factor(59) == pytest.approx(warmup_cosine(OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10), 110)(59))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    start = [p.detach().clone() for p in model.parameters()]
+    seen = {}
+
+    def loss(m, batch):
+        seen[len(seen)] = [p.detach().clone() for p in m[0].parameters()]
+        return mse(m, batch)
+
+    optim = OptimConfig(lr=0.05, min_lr=0.005, warmup_steps=2, weight_decay=0.05, grad_clip=None, start_step={"0": 3})
+    train(config(tmp_path, optim=optim), model, loss, batches(8))
+    for step in range(4):  # the batches of steps 0..3 see the first layer as it started (3 updates skipped)
+        assert all(torch.equal(a, b) for a, b in zip(seen[step], start[:2]))
+    assert not torch.equal(model[0].weight, start[0]) and not torch.equal(model[1].weight, start[2])
+    groups = param_groups(model, 0.05, 0.05, start_step={"0": 3})
+    assert sorted(g["start_step"] for g in groups) == [0, 0, 3, 3]
