@@ -1,5 +1,5 @@
 # lavis_lite: `make install`, `make test`, `make demo`, `make stage1|stage2 [CONFIG=...] [NPROC=N] [ARGS="key=value ..."]`,
-# `make index`, `make search Q="a red circle"`.
+# `make index`, `make search Q="a red circle"`, `make ablation`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CPU machines pin torch/torchvision to the CPU wheel; GPU nodes keep the CUDA torch they installed.
@@ -12,7 +12,7 @@ ARGS   ?=
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY) -m,$(VENV)/bin/accelerate launch --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no --multi_gpu -m)
 RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test demo demo-assets stage1 stage2 index search
+.PHONY: install test demo demo-assets stage1 stage2 index search ablation
 
 install: $(VENV)/.installed
 
@@ -69,3 +69,8 @@ demo: demo-assets
 	$(RUN_ENV) $(PY) -m retrieval.build --config configs/retrieval/demo.yaml resume=false
 	$(RUN_ENV) $(PY) -m retrieval.search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) \
 		"a red circle" "a large blue square on the left" "a small yellow star above a large green triangle"
+
+# BLIP-2's bootstrapping ablation on the embedded default (benchmarks/bootstrap_ablation.py): stage 2 from the
+# stage-1 demo, from stage 1 without ITG and from no stage 1, each with a small Q-Former learning-rate sweep.
+ablation: demo-assets
+	$(RUN_ENV) $(PY) benchmarks/bootstrap_ablation.py $(ARGS)

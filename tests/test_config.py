@@ -83,3 +83,17 @@ def test_a_mapping_override_replaces_the_recipes_mapping():
     assert load_stage2_config(recipe, ["train.optim.lr_scale={}"]).train.optim.lr_scale == {}
     replaced = load_stage2_config(recipe, ["train.optim.lr_scale={qformer: 0.5}", "train.optim.lr_scale.ln_vision=0"])
     assert replaced.train.optim.lr_scale == {"qformer": 0.5, "ln_vision": 0.0}
+
+
+def test_stage2_demo_recipe_reads_the_stage1_demo_model():
+    """The stage-2 demo restates the stage-1 demo's encoder and Q-Former shape: they must agree."""
+    from stage1.config import load_stage1_config
+    from stage2.config import load_stage2_config
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    stage1, stage2 = load_stage1_config(root / "stage1/demo.yaml"), load_stage2_config(root / "stage2/demo.yaml")
+    assert stage2.model.stage1_checkpoint == stage1.train.output_dir
+    assert stage2.model.vision == stage1.model.vision
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "num_query_tokens",
+                "cross_attention_freq"):
+        assert getattr(stage2.model.qformer, key) == getattr(stage1.model.qformer, key), key

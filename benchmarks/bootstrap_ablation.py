@@ -1,0 +1,162 @@
+"""BLIP-2's bootstrapping ablation on the embedded default: does stage 1 give stage 2 a head start?
+
+The paper (section 5, "effect of vision-language representation learning") trains stage 2 with and without
+stage 1 first and finds generation far worse without it. Here, with the demo recipes and nothing else changed:
+
+  stage 1 (ITC + ITM + ITG)   -> stage 2     the demo
+  no stage 1, MiniLM Q-Former -> stage 2     the paper's "without representation learning": the same start
+                                             (BERT weights, here MiniLM's) without stage 1
+  no stage 1, random Q-Former -> stage 2     every weight drawn at random
+  stage 1 without ITG         -> stage 2     ITG's share of the head start (the recipe's stage-2 setting only)
+
+Every stage-2 run is the demo recipe with the same number of steps. The first three arms each get their own
+best Q-Former-side schedule from a small sweep (`--sweep`: `SCALE@START` sets `train.optim.lr_scale` of the
+Q-Former side to SCALE times the stage-2 lr and `train.optim.start_step` to START; the recipe's own is
+0.05@150), and the table shows every run of the sweep with each arm's best in bold. Retrieval R@1/R@5 and the
+within-image query cosine are the stage-1 model's (the cosine also after stage 2); caption metrics are
+stage 2's, all on the held-out split.
+
+    .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep 0.05@150 0.05@0 0.2@0]
+        [--eval-images N] [--stage2-steps N]
+
+Each run lands in its own directory under `--out`; a run whose metrics.json exists is reused, so an
+interrupted ablation continues where it stopped. Writes `--out`/ablation.md and ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE1_RECIPE = "configs/stage1/demo.yaml"
+STAGE2_RECIPE = "configs/stage2/demo.yaml"
+STAGE1_PARTS = ("qformer", "query_tokens", "ln_vision")
+RECIPE_SETTING = "0.05@150"
+
+
+@dataclass
+class Arm:
+    name: str
+    stage1: list[str] | None  # stage-1 overrides; None: no stage 1
+    stage2: list[str] = field(default_factory=list)  # stage-2 overrides that say where the Q-Former starts
+    swept: bool = True  # False: the recipe's stage-2 setting only
+
+
+ARMS = (
+    Arm("stage 1 (ITC+ITM+ITG)", []),
+    Arm("no stage 1, MiniLM Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=weights/all-MiniLM-L6-v2"]),
+    Arm("no stage 1, random Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=null"]),
+    Arm("stage 1 without ITG", ["model.losses=[itc,itm]"], swept=False),
+)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def parse_setting(text: str) -> tuple[float, int]:
+    """`SCALE@START` (or `SCALE`, START 0) -> (lr scale of the Q-Former side, its start step)."""
+    scale, _, start = text.partition("@")
+    try:
+        return float(scale), int(start or 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad sweep setting {text!r}: write SCALE@START, e.g. 0.05@150") from None
+
+
+def setting_overrides(scale: float, start: int) -> list[str]:
+    def mapping(value: float | int) -> str:
+        return "{" + ", ".join(f"{part}: {value}" for part in STAGE1_PARTS) + "}"
+
+    return [f"train.optim.lr_scale={mapping(scale)}", f"train.optim.start_step={mapping(start) if start else '{}'}"]
+
+
+def plain(value: object) -> object:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def run(module: str, recipe: str, output_dir: Path, overrides: list[str]) -> dict:
+    """One training run (or its earlier result, which must have been run with the same settings); returns its
+    metrics.json. Where the stage-1 checkpoint and the LLM cache live may differ."""
+    metrics = output_dir / "metrics.json"
+    if metrics.is_file():
+        saved = OmegaConf.load(resolve_checkpoint(output_dir) / CONFIG)
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            if key in ("model.stage1_checkpoint", "model.llm.cache_dir") and OmegaConf.select(saved, key):
+                continue
+            wanted, had = (plain(OmegaConf.select(c, key)) for c in (OmegaConf.from_dotlist([override]), saved))
+            if had != wanted and not (had is None and wanted == {}):  # a mapping option newer than the run: {}
+                sys.exit(f"error: {output_dir} was run with {key}={had}, not {wanted}: move it away or give another --out")
+    else:
+        command = [sys.executable, "-m", module, "--config", recipe, f"train.output_dir={output_dir}", *overrides]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+    return json.loads(metrics.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
+    parser.add_argument("--sweep", type=parse_setting, nargs="+", default=[parse_setting(s) for s in (RECIPE_SETTING, "0.05@0", "0.2@0")],
+                        help=f"Q-Former-side settings SCALE@START (default {RECIPE_SETTING} 0.05@0 0.2@0)")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 recipe's train.steps")
+    parser.add_argument("--eval-images", type=int, default=0, help="held-out images captioned (0: all)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    common = [f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
+    if args.stage2_steps:
+        common.append(f"train.steps={args.stage2_steps}")
+    rows = []
+    for arm in ARMS:
+        stage1 = {}
+        start = arm.stage2
+        if arm.stage1 is not None:
+            stage1_dir = out / f"stage1-{slug(arm.name)}"
+            stage1 = run("stage1.train", STAGE1_RECIPE, stage1_dir, arm.stage1)
+            start = [f"model.stage1_checkpoint={stage1_dir}"]
+        for scale, start_step in args.sweep if arm.swept else [parse_setting(RECIPE_SETTING)]:
+            stage2_dir = out / f"stage2-{slug(arm.name)}-qf{scale:g}-start{start_step}"
+            stage2 = run("stage2.train", STAGE2_RECIPE, stage2_dir, [*start, *setting_overrides(scale, start_step), *common])
+            rows.append({"arm": arm.name, "qformer_lr_scale": scale, "qformer_start_step": start_step,
+                         "stage1": stage1, "stage2": stage2})
+    table = render(rows)
+    (out / "ablation.md").write_text(table + "\n")
+    (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(table)
+
+
+def render(rows: list[dict]) -> str:
+    """One markdown table; each arm's best run (by attribute accuracy) in bold."""
+    best = {}
+    for row in rows:
+        if row["arm"] not in best or row["stage2"]["caption_attr_acc"] > best[row["arm"]]["stage2"]["caption_attr_acc"]:
+            best[row["arm"]] = row
+    lines = [
+        "| start of stage 2 | Q-Former lr (x stage-2 lr) from step | attribute accuracy | colours | shapes "
+        "| held-out caption loss | stage-1 R@1 t2i / i2t | stage-1 R@5 t2i / i2t | query cosine after stage 1 / stage 2 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        s1, s2 = row["stage1"], row["stage2"]
+        mark = "**" if best[row["arm"]] is row else ""
+        retrieval = [f"{100 * s1[f't2i_r{k}']:.1f} / {100 * s1[f'i2t_r{k}']:.1f}" if s1 else "-" for k in (1, 5)]
+        cosine = (f"{s1['query_cosine']:.3f}" if s1 else "-") + f" / {s2['query_cosine']:.3f}"
+        lines.append(
+            f"| {row['arm']} | {row['qformer_lr_scale']:g} from {row['qformer_start_step']} "
+            f"| {mark}{100 * s2['caption_attr_acc']:.1f}%{mark} | {100 * s2['caption_colour_acc']:.1f}% "
+            f"| {100 * s2['caption_shape_acc']:.1f}% | {s2['caption_loss']:.3f} | {retrieval[0]} | {retrieval[1]} | {cosine} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
