@@ -1,6 +1,7 @@
 """The data pipelines: webdataset shards and annotation files to batches, with bad samples skipped and counted."""
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -366,3 +367,27 @@ def test_unreadable_shard_is_counted_not_fatal(tmp_path, tokenizer):
     keys, counter = drain(loader(tmp_path, tokenizer))
     assert sorted(keys) == ["good000", "good001", "good002"]
     assert counter.as_dict() == {"read_error": 1}
+
+
+def test_finite_training_stream_runs_pass_after_pass(shards, tokenizer):
+    """`data.resampled=false`: step-based training goes on past the end of the shards, a fresh pass each time."""
+    from itertools import islice
+    from types import SimpleNamespace
+
+    from lavis_lite.config import ConfigError, VisionConfig
+    from lavis_lite.data.training_data import TrainingData
+
+    root, good = shards
+    cfg = DataConfig(train_shards=str(root), batch_size=4, num_workers=0, shuffle_buffer=8, resampled=False, cache_features=False)
+    encoder = SimpleNamespace(mean=MEAN, std=STD)
+    data = TrainingData(cfg, VisionConfig(image_size=SIZE), encoder, tokenizer, 8, SkipCounter())
+    batches = list(islice(data.training_batches()(0), 7))  # one pass holds 2 full batches of the 10 good samples
+    assert len(batches) == 7
+    passes = [sum((b["key"] for b in batches[i : i + 2]), []) for i in (0, 2, 4)]
+    for keys in passes:
+        assert len(set(keys)) == 8 and set(keys) <= set(good)
+    assert len({tuple(keys) for keys in passes}) > 1  # each pass is reshuffled
+
+    too_big = TrainingData(dataclasses.replace(cfg, batch_size=64), VisionConfig(image_size=SIZE), encoder, tokenizer, 8, SkipCounter())
+    with pytest.raises(ConfigError, match="no full batch"):
+        next(too_big.training_batches()(0))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ..config import VisionConfig
+from ..config import ConfigError, VisionConfig
 from ..distributed import world
 from ..feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches, trace_encoder
 from .config import DataConfig
@@ -95,7 +95,8 @@ class TrainingData:
             # A webdataset stream has no position to seek to: a resumed run continues on a stream re-seeded by
             # its step, so it sees different (equally random) samples than the uninterrupted run would have.
             loader = self.loader(data.train_shards, train=True, seed=data.seed + start)
-            return iter(loader) if text is None else ({**b, **text(b["caption"])} for b in loader)
+            batches = _epochs(loader, data.train_shards)
+            return batches if text is None else ({**b, **text(b["caption"])} for b in batches)
 
         return streamed
 
@@ -127,3 +128,18 @@ class TrainingData:
                     yield self.encoder(chunk.to(device))
 
         return HeldOut(captions, encoded, keys)
+
+
+def _epochs(loader, shards: str) -> Iterator[dict]:
+    """Pass after pass over a training loader: training is step-based, and a finite loader
+    (`data.resampled=false`) ends after each pass (its shard order is reshuffled for the next)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ConfigError(
+                f"data.train_shards={shards!r} gave no full batch of data.batch_size samples: "
+                "give more training samples or a smaller data.batch_size"
+            )
