@@ -209,12 +209,13 @@ def train(
                 run_config if run_config is not None else cfg,
                 keep=cfg.keep_checkpoints,
             )
+            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         accelerator.wait_for_everyone()
 
     while step < cfg.steps:
         model.train()
-        parts: dict[str, float] = {}
-        poisoned = False
+        parts: dict[str, Tensor] = {}
+        finite = torch.ones((), device=accelerator.device)
         for micro in range(cfg.grad_accum):
             batch = _to_device(next(stream), accelerator.device)
             if observer is not None:
@@ -223,16 +224,13 @@ def train(
             with contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model):
                 with accelerator.autocast():
                     losses = loss_fn(model, batch)
-                loss = losses["loss"]
-                finite = torch.isfinite(loss.detach()).float()
-                if accelerator.num_processes > 1:
-                    finite = accelerator.reduce(finite, reduction="min")
-                if finite.item() < 1:
-                    poisoned = True
-                    continue
-                accelerator.backward(loss / cfg.grad_accum)
+                accelerator.backward(losses["loss"] / cfg.grad_accum)
+            finite = finite * torch.isfinite(losses["loss"].detach())
             for name, value in losses.items():
-                parts[name] = parts.get(name, 0.0) + value.item() / cfg.grad_accum
+                parts[name] = parts.get(name, 0.0) + value.detach().float() / cfg.grad_accum
+        if accelerator.num_processes > 1:
+            finite = accelerator.reduce(finite, reduction="min")
+        poisoned = finite.item() < 1  # the step's one host sync: a non-finite loss on any rank skips the update
         if poisoned:
             nonfinite_total += 1
             consecutive_nonfinite += 1
@@ -251,7 +249,7 @@ def train(
         scheduler.step()
         step += 1
         progress.update(1)
-        if parts:
+        if not poisoned:
             window.append(parts)
         if step % cfg.log_every == 0 or step == cfg.steps:
             record = _log_window(window, step, scheduler.get_last_lr()[0], time.time() - window_start)
@@ -262,7 +260,6 @@ def train(
                 for key, value in record.items():
                     if key != "step":
                         writer.add_scalar(f"train/{key}", value, step)
-                plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         out_of_time = cfg.time_limit_minutes is not None and (time.time() - started) / 60 >= cfg.time_limit_minutes
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             checkpoint_now()
@@ -285,11 +282,12 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
-def _log_window(window: list[dict[str, float]], step: int, lr: float, seconds: float) -> dict[str, float]:
-    """Mean of each loss over the steps since the last log line, with lr and step time."""
+def _log_window(window: list[dict[str, Tensor]], step: int, lr: float, seconds: float) -> dict[str, float]:
+    """Mean of each loss over the steps since the last log line, with lr and step time (one host sync)."""
     if not window:
         return {}
-    record = {key: sum(w.get(key, 0.0) for w in window) / len(window) for key in window[0]}
+    means = torch.stack([torch.stack([w[key] for w in window]).mean() for key in window[0]]).tolist()
+    record = dict(zip(window[0], means))
     record.update(step=step, lr=lr, seconds_per_step=seconds / len(window))
     log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
     return record

@@ -1,6 +1,8 @@
 """The shared training loop on a toy model: gradient accumulation, the non-finite guard, schedule, weight decay."""
 
+import json
 import math
+import sys
 
 import pytest
 import torch
@@ -121,3 +123,31 @@ def test_late_starting_parameters_wait_then_warm_up(tmp_path):
     assert not torch.equal(model[0].weight, start[0]) and not torch.equal(model[1].weight, start[2])
     groups = param_groups(model, 0.05, 0.05, start_step={"0": 3})
     assert sorted(g["start_step"] for g in groups) == [0, 0, 3, 3]
+
+
+def test_host_syncs_and_plots_only_when_logging_and_saving(tmp_path, monkeypatch):
+    """One host sync per step (the non-finite guard), one per log line; the loss curve is drawn at checkpoints."""
+    import lavis_lite.train_loop as train_loop
+
+    syncs, plots = {"n": 0}, {"n": 0}
+
+    def counted(method):
+        def call(tensor):
+            if sys._getframe(1).f_code.co_filename == train_loop.__file__:  # the loop's own reads, not AdamW's
+                syncs["n"] += 1
+            return method(tensor)
+
+        return call
+
+    def three_parts(model, batch):
+        loss = mse(model, batch)["loss"]
+        return {"loss": loss, "a": loss * 2, "b": loss * 3}
+
+    monkeypatch.setattr(torch.Tensor, "item", counted(torch.Tensor.item))
+    monkeypatch.setattr(torch.Tensor, "tolist", counted(torch.Tensor.tolist))
+    monkeypatch.setattr(train_loop, "plot_loss_curve", lambda *a: plots.__setitem__("n", plots["n"] + 1))
+    train(config(tmp_path, steps=6, grad_accum=2, log_every=3, save_every=3), toy_model(), three_parts, batches(4))
+    assert syncs["n"] == 6 + 2  # not 6 steps x 2 micro-batches x (3 parts + the guard) = 48
+    assert plots["n"] == 2  # checkpoints at steps 3 and 6
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [3, 6] and all(h["b"] == pytest.approx(3 * h["loss"]) for h in history)
