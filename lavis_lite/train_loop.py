@@ -209,7 +209,8 @@ def train(
                 run_config if run_config is not None else cfg,
                 keep=cfg.keep_checkpoints,
             )
-            plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+            if (run_dir / "metrics.jsonl").is_file():
+                plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         accelerator.wait_for_everyone()
 
     while step < cfg.steps:
@@ -228,9 +229,14 @@ def train(
             finite = finite * torch.isfinite(losses["loss"].detach())
             for name, value in losses.items():
                 parts[name] = parts.get(name, 0.0) + value.detach().float() / cfg.grad_accum
+        # The step's one host sync, and every rank's decisions in it: a non-finite loss on any rank skips the
+        # update, and the time limit passed on any rank's clock stops all of them after this step.
+        # (accelerate's reduce knows sum, mean and max: the flags say "stop", so max is "any rank").
+        over_time = cfg.time_limit_minutes is not None and (time.time() - started) / 60 >= cfg.time_limit_minutes
+        stop = torch.stack([1 - finite, torch.tensor(float(over_time), device=finite.device)])
         if accelerator.num_processes > 1:
-            finite = accelerator.reduce(finite, reduction="min")
-        poisoned = finite.item() < 1  # the step's one host sync: a non-finite loss on any rank skips the update
+            stop = accelerator.reduce(stop, reduction="max")
+        poisoned, out_of_time = (flag > 0 for flag in stop.tolist())
         if poisoned:
             nonfinite_total += 1
             consecutive_nonfinite += 1
@@ -260,7 +266,6 @@ def train(
                 for key, value in record.items():
                     if key != "step":
                         writer.add_scalar(f"train/{key}", value, step)
-        out_of_time = cfg.time_limit_minutes is not None and (time.time() - started) / 60 >= cfg.time_limit_minutes
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
             checkpoint_now()
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:

@@ -151,3 +151,68 @@ def test_host_syncs_and_plots_only_when_logging_and_saving(tmp_path, monkeypatch
     assert plots["n"] == 2  # checkpoints at steps 3 and 6
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [3, 6] and all(h["b"] == pytest.approx(3 * h["loss"]) for h in history)
+
+
+RANKS_SCRIPT = """
+import json, os, sys, time, types
+import torch
+from torch import nn
+import lavis_lite.train_loop as train_loop
+from lavis_lite.train_config import OptimConfig, TrainConfig
+
+out, mode = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+torch.manual_seed(0)
+model = nn.Linear(4, 1)
+x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))
+if mode == "clock" and rank == 1:  # this rank's clock jumps an hour once training has started
+    real, calls = time.time, [0]
+    def jumped():
+        calls[0] += 1
+        return real() + (3600 if calls[0] > 1 else 0)
+    train_loop.time = types.SimpleNamespace(time=jumped)
+steps = [0]
+def loss(model, batch):
+    steps[0] += 1
+    value = (model(batch["x"]) - 1).square().mean()
+    return {"loss": value * float("nan") if mode == "nan" and rank == 0 and steps[0] == 2 else value}
+def batches(start):
+    while True:
+        yield {"x": x}
+cfg = TrainConfig(output_dir=out, steps=6, precision="no", log_every=3, save_every=100, eval_every=0,
+                  time_limit_minutes=30 if mode == "clock" else None, optim=OptimConfig(lr=0.05, grad_clip=None))
+result = train_loop.train(cfg, model, loss, batches)
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({"step": result.step, "nonfinite": result.nonfinite_steps,
+               "weights": [p.detach().flatten().tolist() for p in model.parameters()]}, f)
+"""
+
+
+@pytest.mark.parametrize("mode", ["clock", "nan"])
+def test_every_rank_takes_the_same_decisions(tmp_path, mode):
+    """Two processes: one rank's clock passing the time limit stops both after the same step (each deciding on
+    its own deadlocks), and one rank's non-finite loss skips the update on both."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([*launcher, str(script), str(tmp_path), mode], cwd=root, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only the launcher
+        proc.communicate()
+        pytest.fail("the two ranks deadlocked")
+    assert proc.returncode == 0, out[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == (1 if mode == "clock" else 6)
+    assert ranks[0]["nonfinite"] == ranks[1]["nonfinite"] == (1 if mode == "nan" else 0)
+    assert ranks[0]["weights"] == ranks[1]["weights"] and all(math.isfinite(w) for p in ranks[0]["weights"] for w in p)
