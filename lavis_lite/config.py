@@ -71,6 +71,14 @@ class ModelConfig:
     # and ITM negatives are still drawn from the whole global batch. 1.0 is BLIP-2; lower it where compute is
     # scarce (ITM's joint pass over 3B pairs costs ~3x the ITC passes).
     itm_itg_batch_fraction: float = 1.0
+    # Pairs whose cleaned captions are equal (the data's `sample_id`) are ITC positives of each other and never
+    # ITM negatives. LAVIS's BLIP-2 pre-training counts only a pair itself (False): on web data, boilerplate
+    # captions would make unrelated images positives.
+    caption_positives: bool = True
+    # True: the gathered ITC features carry gradients back to their ranks (the exact full-batch gradient).
+    # False: LAVIS's concat_all_gather, no gradient through the gathered features (the local ones included),
+    # so each ITC direction trains only its own side.
+    itc_gather_with_grad: bool = True
 
 
 @dataclass

@@ -43,6 +43,16 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def gather_no_grad(x: Tensor) -> Tensor:
+    """LAVIS's `concat_all_gather`: `x` concatenated over ranks along dim 0, detached (the local part too)."""
+    x = x.detach()
+    if world()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def gather_padded(x: Tensor, pad_value: int) -> Tensor:
     """Concatenate [B, T_rank] tensors over ranks (no gradient), right-padding dim 1 to the longest T."""
     size = world()[1]

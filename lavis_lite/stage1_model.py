@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .distributed import gather_padded, gather_with_grad, world
+from .distributed import gather_no_grad, gather_padded, gather_with_grad, world
 from .masks import build_attention_mask
 from .qformer import QFormer, load_bert_weights
 from .vision import build_vision_encoder
@@ -104,8 +104,8 @@ class Blip2Stage1(nn.Module):
         """The summed stage-1 losses for a batch of pairs.
 
         Give `images` (pixels) or `image_embeds` (frozen encoder output before ln_vision, e.g.
-        from a feature cache). `sample_ids` marks pairs that share a caption or an image: pairs
-        with equal ids count as positives in ITC and are never drawn as ITM negatives.
+        from a feature cache). `sample_ids` marks pairs that share a caption or an image: with
+        `caption_positives`, pairs with equal ids count as positives in ITC and are never drawn as ITM negatives.
         Across processes every rank must hold the same batch size.
         """
         if image_embeds is None:
@@ -115,13 +115,14 @@ class Blip2Stage1(nn.Module):
         image_embeds = self.ln_vision(image_embeds)
         rank, _ = world()
         batch = input_ids.shape[0]
-        if sample_ids is None:
+        if sample_ids is None or not self.cfg.caption_positives:
             sample_ids = torch.arange(batch, device=input_ids.device) + rank * batch
         query_out, image_feats, query_key_values = self.image_features(image_embeds)
         text_out, text_feat = self.text_features(input_ids, attention_mask)
 
-        image_feats_all = gather_with_grad(image_feats)
-        text_feat_all = gather_with_grad(text_feat)
+        gather = gather_with_grad if self.cfg.itc_gather_with_grad else gather_no_grad
+        image_feats_all = gather(image_feats)
+        text_feat_all = gather(text_feat)
         ids_all = gather_with_grad(sample_ids)
         positives = sample_ids[:, None] == ids_all[None, :]
         sim_i2t = self.itc_similarity(image_feats, text_feat_all)

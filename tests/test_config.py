@@ -97,3 +97,20 @@ def test_stage2_demo_recipe_reads_the_stage1_demo_model():
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "num_query_tokens",
                 "cross_attention_freq"):
         assert getattr(stage2.model.qformer, key) == getattr(stage1.model.qformer, key), key
+
+
+def test_recipes_choose_clipping_and_positives_and_the_paper_ones_follow_lavis():
+    """Gradient clipping, caption positives and the ITC gather are stated by every recipe, not inherited;
+    the paper recipes do as LAVIS does (no clipping, each pair its own positive, concat_all_gather)."""
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    for path in sorted(root.glob("stage[12]/*.yaml")):
+        recipe = OmegaConf.load(path)
+        assert "grad_clip" in recipe.train.optim, path
+        if path.parent.name == "stage1":
+            assert "caption_positives" in recipe.model and "itc_gather_with_grad" in recipe.model, path
+        if path.stem.startswith("paper"):
+            assert recipe.train.optim.grad_clip is None, path
+            if path.parent.name == "stage1":
+                assert recipe.model.caption_positives is False and recipe.model.itc_gather_with_grad is False

@@ -79,3 +79,48 @@ def test_shared_sample_ids_are_positives(batch):
     positives = torch.eye(4, dtype=torch.bool) | torch.tensor([[0, 1, 0, 0]] * 4, dtype=torch.bool)
     picks = _sample_negatives(torch.zeros(4, 4), positives, torch.Generator().manual_seed(0))
     assert not positives[torch.arange(4), picks].any()
+
+
+def test_caption_positives_off_counts_each_pair_alone(batch):
+    """`caption_positives=false` (LAVIS's pre-training): shared sample ids change nothing."""
+    images, ids, mask = batch
+    shared = torch.tensor([0, 1, 0, 2, 3, 1, 4, 5])
+
+    def loss(sample_ids, *overrides):
+        model = tiny_model(*overrides).eval()
+        return model(ids, mask, images=images, sample_ids=sample_ids, generator=torch.Generator().manual_seed(0)).loss
+
+    assert loss(shared, "caption_positives=false") == loss(None)
+    assert loss(shared) != loss(None)
+
+
+def test_itc_gather_without_grad_is_lavis_concat_all_gather(batch):
+    """`itc_gather_with_grad=false`: the same ITC value; each direction's gradient reaches only its own side."""
+    import torch.nn.functional as F
+
+    images, ids, mask = batch
+
+    def itc_grads(*overrides, by_hand=False):
+        model = tiny_model("losses=[itc]", *overrides).eval()
+        if by_hand:
+            _, image_feats, _ = model.image_features(model.encode_image(images))
+            _, text_feat = model.text_features(ids, mask)
+            sim_i2t = model.itc_similarity(image_feats, text_feat.detach())
+            sim_t2i = model.itc_similarity(image_feats.detach(), text_feat).t()
+            targets = torch.eye(B)
+            loss = (F.cross_entropy(sim_i2t / model.temp, targets, label_smoothing=0.1)
+                    + F.cross_entropy(sim_t2i / model.temp, targets, label_smoothing=0.1)) / 2
+        else:
+            loss = model(ids, mask, images=images).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ours, ours_grads = itc_grads()
+    lavis, lavis_grads = itc_grads("itc_gather_with_grad=false")
+    by_hand, by_hand_grads = itc_grads(by_hand=True)
+    torch.testing.assert_close(lavis, ours)
+    torch.testing.assert_close(lavis, by_hand)
+    assert lavis_grads.keys() == by_hand_grads.keys()
+    for name in lavis_grads:
+        torch.testing.assert_close(lavis_grads[name], by_hand_grads[name], msg=name)
+    assert any(not torch.allclose(lavis_grads[n], ours_grads[n]) for n in lavis_grads)
