@@ -111,3 +111,10 @@ def _dir_with(path: Path, text: str) -> Path:
     path.mkdir()
     (path / "data.txt").write_text(text)
     return path
+
+
+def test_io_imports_without_torch():
+    code = "import sys, lavis_lite.io, retrieval.metadata; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
