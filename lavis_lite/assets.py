@@ -16,10 +16,11 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .io import atomic_path, replace_dir, staging_dir
 
 __all__ = [
     "ASSET_PACKAGES",
@@ -74,16 +75,6 @@ def _one_file(dist: str, pattern: str) -> Path:
             f"reinstall it: {_INSTALL_HINT}"
         )
     return found[0]
-
-
-def _atomic_dir_swap(tmp: Path, final: Path) -> None:
-    """Move the finished directory `tmp` to `final`; a concurrent writer that got there first wins."""
-    try:
-        os.replace(tmp, final)  # atomic when `final` is absent or an empty directory
-    except OSError:
-        if not final.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- EfficientNet-Lite0 ---------------------------------------------------------------------------------
@@ -157,15 +148,8 @@ def efficientnet_lite0_checkpoint(out_dir: str | Path, num_classes: int = 0) -> 
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(converted, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp:
+        save_file(converted, str(tmp), metadata=meta)
     return out
 
 
@@ -210,8 +194,6 @@ def _materialise_bert_dir(root: Path, cache_dir: Path) -> Path:
     final = Path(cache_dir) / "all-MiniLM-L6-v2-bert"
     if _is_bert_dir(final):
         return final
-    if final.exists():  # not from us (ours appear whole, by rename): replace it
-        shutil.rmtree(final)
 
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -231,15 +213,15 @@ def _materialise_bert_dir(root: Path, cache_dir: Path) -> Path:
 
     from safetensors.torch import save_file
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = staging_dir(final)
     try:
         save_file(clean, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copy2(src / "config.json", tmp / "config.json")
         for name in _TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        _atomic_dir_swap(tmp, final)
+        if not _is_bert_dir(final):  # a concurrent writer that finished first wins; anything else is replaced
+            replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -20,8 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text
 from .config import VisionConfig, to_dict
+from .io import atomic_write_text, recover_dir, replace_dir, staging_dir
 from .vision import FrozenVisionEncoder
 
 MANIFEST = "manifest.json"
@@ -71,6 +68,7 @@ class FeatureCache:
 
     @staticmethod
     def is_complete(root: Path, fingerprint: str) -> bool:
+        recover_dir(root)
         manifest = Path(root) / MANIFEST
         return manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint
 
@@ -93,7 +91,7 @@ def build_feature_cache(
     if FeatureCache.is_complete(root, fingerprint):
         return FeatureCache(root)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    tmp = staging_dir(root)
     keys, captions, chunks, pending = [], [], [], []
 
     def flush() -> None:
@@ -123,9 +121,7 @@ def build_feature_cache(
         "skipped": skipped.as_dict() if skipped is not None else {},
     }
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest))
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    replace_dir(tmp, root)
     return FeatureCache(root)
 
 

@@ -11,8 +11,8 @@ plus the building blocks that retrieval indexes and re-ranks with (`image_vector
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -24,15 +24,13 @@ from torch import Tensor, nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from .factory import create_model, load_stage1_checkpoint
+from .data.transforms import clean_caption
 from .feature_cache import trace_encoder
 from .preprocess import image_processor
 from .stage1_model import Blip2Stage1
 
 MODES = ("image", "text", "multimodal")
 _MODE_INPUTS = {"image": ("image",), "text": ("text_input",), "multimodal": ("image", "text_input")}
-# The characters LAVIS's caption processor (and `lavis_lite.data.clean_caption`, which training captions
-# pass through) turns into spaces.
-_CAPTION_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
 
 
 @dataclass
@@ -73,10 +71,7 @@ def caption_processor(max_words: int = 50) -> Callable[[str], str]:
     """LAVIS's evaluation caption processor without its lowercasing (the tokenizer decides case): the
     punctuation that training captions lose becomes spaces, whitespace runs collapse, `max_words` kept."""
 
-    def process(text: str) -> str:
-        return " ".join(_CAPTION_PUNCTUATION.sub(" ", text).split()[:max_words])
-
-    return process
+    return functools.partial(clean_caption, max_words=max_words, lowercase=False)
 
 
 def _as_list(texts: str | Sequence[str]) -> list[str]:

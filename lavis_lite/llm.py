@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +24,7 @@ from transformers import (
 )
 
 from .config import ConfigError, LanguageModelConfig
+from .io import recover_dir, replace_dir, staging_dir
 from .precision import resolve_dtype
 
 log = logging.getLogger("lavis_lite.llm")
@@ -39,6 +37,7 @@ def dequantised_copy(gguf: Path, cache_dir: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     target = cache_dir / f"{gguf.stem}-{key}"
+    recover_dir(target)
     if (target / "config.json").is_file():
         return target
     log.info("dequantising %s once into %s", gguf, target)
@@ -49,12 +48,10 @@ def dequantised_copy(gguf: Path, cache_dir: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}."))
+    tmp = staging_dir(target)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    replace_dir(tmp, target)
     return target
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .io import atomic_path
 
 LOSS_KEYS = ("loss", "itc", "itm", "itg", "lm")
 
@@ -32,7 +33,6 @@ def plot_loss_curve(history: Path, out: Path) -> None:
     ax.legend()
     ax.set_title(Path(history).parent.name)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, out)

@@ -1,4 +1,7 @@
-"""Precision: where bf16 is native, and what `auto` means for training and for frozen weights.
+"""Devices and precision: which device `auto` is, where bf16 is native, and what `auto` means for training
+and for frozen weights.
+
+Devices (`device`, `--device`): auto (CUDA where there is one, else the CPU) | cpu | cuda.
 
 Training (`train.precision`, autocast): auto | fp32 (also written `no`, accelerate's name) | bf16 | fp16.
 Frozen weights (`llm.precision`): auto | fp32 | bf16 | fp16. Everywhere `auto` means bf16 where the device
@@ -34,6 +37,17 @@ def _cpu_bf16_is_fast() -> bool:
     return rate(torch.bfloat16) > 1.5 * rate(torch.float32)
 
 
+def resolve_device(device: str | None = "auto") -> str:
+    """`auto` (or None) -> cuda where available, else cpu; ConfigError for an unknown device or a missing GPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is available: use cpu (--device cpu, or device=cpu in a config)")
+    return device
+
+
 def native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether bf16 matmuls run natively (faster than fp32) on `device`."""
     device = torch.device(device)
@@ -56,8 +70,7 @@ def resolve_dtype(precision: str, device: torch.device | str = "cpu", key: str =
 def resolve_autocast(precision: str) -> str:
     """accelerate's `mixed_precision` ("no", "bf16", "fp16") for `train.precision` on this machine."""
     if precision == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[resolve_dtype("auto", device)]
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[resolve_dtype("auto", resolve_device())]
     if precision not in _AUTOCAST:
         raise ConfigError(f"train.precision='{precision}' is not one of auto, fp32 (or no), bf16, fp16")
     return _AUTOCAST[precision]

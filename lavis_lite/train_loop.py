@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    atomic_write_text,
     latest_checkpoint,
     load_training_state,
     load_trainable_state_dict,
@@ -33,6 +32,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .io import atomic_write_text
 from .plots import plot_loss_curve
 from .precision import resolve_autocast
 from .train_config import OptimConfig, TrainConfig

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
 from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.precision import resolve_device
 
 from .config import TARGETS, BuildConfig, load_build_config
 from .corpus import Corpus, CorpusEntry, ImageProcessor, batched
@@ -39,17 +39,6 @@ from .index import IndexWriter
 
 DEFAULT_CONFIG = "configs/retrieval/demo.yaml"
 log = logging.getLogger("lavis_lite.retrieval")
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda where available, else cpu; ValueError for cuda without a CUDA device."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}: choose auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available: use device=cpu")
-    return device
 
 
 def check_config(cfg: BuildConfig) -> None:

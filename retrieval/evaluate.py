@@ -25,13 +25,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lavis_lite.checkpoint import atomic_write_text
 from lavis_lite.data import SkipCounter
 from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.io import atomic_write_text
+from lavis_lite.precision import resolve_device
 from lavis_lite.retrieval_metrics import evaluate_similarity
 from lavis_lite.stage1_model import Blip2Stage1
 
-from .build import resolve_device
 from .corpus import Corpus, ImageProcessor, batched
 from .search import int_at_least
 

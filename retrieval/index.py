@@ -34,23 +34,22 @@ with ``out_dir`` in one ``renameat2(RENAME_EXCHANGE)`` where Linux offers it (ot
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
+
+from lavis_lite.io import atomic_write, recover_dir, replace_dir
 
 from .metadata import ITEMS_FILE, OFFSETS_FILE, MetadataStore, MetadataWriter
 
@@ -180,26 +179,8 @@ class ChunkSource(Protocol):
     def items(self, chunk: int) -> list[dict]: ...
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write`` a temporary file next to ``path``, fsync it and rename it over ``path``.
-
-    Not ``lavis_lite.checkpoint.atomic_write_text``: importing it pulls in torch, and this writes binary."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")))
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")))
 
 
 def _as_item_vectors(vectors: np.ndarray, vectors_per_item: int, dim: int) -> np.ndarray:
@@ -243,30 +224,6 @@ def _training_sample(source: ChunkSource, vectors_per_item: int, options: dict) 
         else:
             parts.append(np.asarray(vectors.reshape(-1, vectors.shape[-1])[rows], dtype=np.float32))
     return np.ascontiguousarray(np.concatenate(parts))
-
-
-def _exchange_dirs(a: Path, b: Path) -> bool:
-    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _move_into_place(new_dir: Path, out_dir: Path) -> None:
-    """Make ``new_dir`` the index at ``out_dir``, replacing an existing index, and delete the old one."""
-    if not out_dir.exists():
-        os.rename(new_dir, out_dir)
-        return
-    if _exchange_dirs(new_dir, out_dir):
-        shutil.rmtree(new_dir)  # now the old index
-        return
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    os.rename(out_dir, old)
-    os.rename(new_dir, out_dir)
-    shutil.rmtree(old)
 
 
 def build_index(
@@ -350,7 +307,7 @@ def build_index(
         "build_id": uuid.uuid4().hex,
     }
     _write_json(work_dir / MANIFEST_FILE, full_manifest)
-    _move_into_place(work_dir, out_dir)
+    replace_dir(work_dir, out_dir)
     if work_dir == default_work_dir:
         with contextlib.suppress(OSError):  # an IndexWriter's staging dir still holds chunks: it removes it
             default_work_dir.parent.rmdir()
@@ -448,8 +405,8 @@ class IndexWriter:
             raise ValueError(f"chunk {chunk_id}: vectors must be L2-normalised (norms {norms.min():.4f}..{norms.max():.4f})")
         text = json.dumps(list(items), ensure_ascii=False).encode("utf-8")
         stem = self._chunk_dir / f"chunk-{chunk_id:08d}"
-        _atomic_write(Path(f"{stem}.npy"), lambda f: np.save(f, vectors))
-        _atomic_write(Path(f"{stem}.items.json"), lambda f: f.write(text))
+        atomic_write(Path(f"{stem}.npy"), lambda f: np.save(f, vectors))
+        atomic_write(Path(f"{stem}.items.json"), lambda f: f.write(text))
 
     def finalize(self) -> Path:
         """Build the index from chunks 0..last (all must be there) into ``out_dir``; remove the staging dir."""
@@ -563,6 +520,7 @@ class RetrievalIndex:
 
         Re-reads the manifest afterwards: if a rebuild swapped a new index in meanwhile, it loads again."""
         path = Path(path)
+        recover_dir(path)
         for _ in range(3):
             manifest = _read_manifest(path)
             try:

@@ -26,9 +26,9 @@ from PIL import Image
 
 from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.gallery import GalleryItem, GallerySection, thumbnail, write_sections
+from lavis_lite.precision import resolve_device
 from lavis_lite.preprocess import ImageError, open_image
 
-from .build import resolve_device
 from .corpus import ImageProcessor, batched, describe_locator, open_item_image
 from .index import Hit, IndexLoadError, RetrievalIndex
 

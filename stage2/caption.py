@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 
 from lavis_lite.factory import load_stage2_checkpoint
+from lavis_lite.precision import resolve_device
 from lavis_lite.preprocess import ImageError, caption_images, open_image
 from lavis_lite.stage2_model import Blip2Stage2
 
@@ -55,9 +55,7 @@ def load(args: argparse.Namespace) -> Blip2Stage2:
         raise ImageError("no images given: list one or more image files after the options")
     for path in args.images:  # every file is checked before the (slow) model load
         open_image(path).close()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available: use --device cpu")
+    device = resolve_device(args.device)
     try:
         overrides = [f"llm.path={args.llm}"] if args.llm else []
         return load_stage2_checkpoint(args.checkpoint, overrides, device=device)

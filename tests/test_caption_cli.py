@@ -110,7 +110,7 @@ def test_bad_inputs_are_named(setup, tmp_path, capsys):
     assert f"cannot read image {corrupt}" in errors(capsys, *run, str(corrupt))
     assert "no images given" in errors(capsys, *run)
     if not torch.cuda.is_available():
-        assert "use --device cpu" in errors(capsys, *run, str(images[0]), "--device", "cuda")
+        assert "--device cpu" in errors(capsys, *run, str(images[0]), "--device", "cuda")
     stage1 = tmp_path / "stage1"
     save_checkpoint(stage1, 1, tiny_model(), {}, Stage1Config(model=tiny_config()))
     assert "is not a stage-2 checkpoint" in errors(capsys, "--checkpoint", str(stage1), str(images[0]))

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from lavis_lite import io as lavis_io
 from retrieval import index as index_module
 from retrieval.index import (
     INDEX_TYPES,
@@ -272,7 +273,7 @@ def test_write_chunk_and_finalize_validate(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
 def test_finalize_replaces_an_existing_index_only_at_the_end(tmp_path, monkeypatch, exchange):
     if not exchange:
-        monkeypatch.setattr(index_module, "_exchange_dirs", lambda a, b: False)
+        monkeypatch.setattr(lavis_io, "_exchange", lambda a, b: False)
     out = tmp_path / "index"
     old = build(out, random_features(40, 4, 16, seed=11), chunk=40, manifest={"corpus": "old"})
     writer = IndexWriter(out, dim=16, vectors_per_item=4, manifest={"corpus": "new"})

@@ -25,3 +25,15 @@ def test_bad_precisions_name_the_setting():
         resolve_dtype("fp8", key="llm.precision")
     with pytest.raises(ConfigError, match="train.precision='half'"):
         resolve_autocast("half")
+
+
+def test_one_device_resolver():
+    from lavis_lite.precision import resolve_device
+
+    assert resolve_device("auto") == resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")

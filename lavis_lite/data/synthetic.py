@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..io import atomic_path, atomic_write_text
+
 GENERATOR_VERSION = 1
 SPLITS = {"train": 0, "val": 1}  # the split's number in the seed stream
 
@@ -234,20 +236,15 @@ class ShardTask(NamedTuple):
 
 def write_shard(task: ShardTask) -> list[tuple[str, tuple]]:
     """Write a shard (to a temp name, renamed when complete); return each sample's caption and scene signature."""
-    tmp = task.path.with_name(f".{task.path.name}.{os.getpid()}.tmp")
     summary = []
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for index in range(task.start, task.start + task.count):
-                jpeg, caption, meta = make_example(task.seed, task.split, index, task.image_size, task.quality)
-                key = f"{task.split}_{index:07d}"
-                _add_file(tar, f"{key}.jpg", jpeg)
-                _add_file(tar, f"{key}.txt", caption.encode())
-                _add_file(tar, f"{key}.json", json.dumps({"key": key, **meta}, sort_keys=True).encode())
-                summary.append((caption, scene_signature(meta)))
-        os.replace(tmp, task.path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(task.path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for index in range(task.start, task.start + task.count):
+            jpeg, caption, meta = make_example(task.seed, task.split, index, task.image_size, task.quality)
+            key = f"{task.split}_{index:07d}"
+            _add_file(tar, f"{key}.jpg", jpeg)
+            _add_file(tar, f"{key}.txt", caption.encode())
+            _add_file(tar, f"{key}.json", json.dumps({"key": key, **meta}, sort_keys=True).encode())
+            summary.append((caption, scene_signature(meta)))
     return summary
 
 
@@ -333,9 +330,7 @@ def generate(
         "splits": {split: {"count": counts[split], "shards": names} for split, names in shard_names.items()},
         "val_stats": duplication_stats([s for name in shard_names["val"] for s in summaries[out / name]]),
     }
-    tmp = out / f".manifest.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -17,13 +17,14 @@ _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 
 
-def clean_caption(text: str, max_words: int = 50) -> str:
+def clean_caption(text: str, max_words: int = 50, lowercase: bool = True) -> str:
     """LAVIS's `BlipCaptionProcessor.pre_caption`: lowercase, punctuation to spaces, collapse spaces, truncate.
 
     Any whitespace run becomes one space (LAVIS keeps single tabs/newlines; the BERT tokenizer sees no
-    difference), so a caption of only whitespace and punctuation cleans to "".
+    difference), so a caption of only whitespace and punctuation cleans to "". `lowercase=False` leaves case
+    to the tokenizer (the evaluation-time processor of `lavis_lite.features`).
     """
-    words = _PUNCTUATION.sub(" ", text.lower()).split()
+    words = _PUNCTUATION.sub(" ", text.lower() if lowercase else text).split()
     return " ".join(words[:max_words])
 
 

@@ -1,0 +1,100 @@
+"""Files and directories written so that a reader, or a crash at any moment, finds the old copy or the new one.
+
+Torch-free: the retrieval index and the data tools use it too.
+
+A file is written next to its destination, flushed to disk and renamed over it (`atomic_write`,
+`atomic_path`). A directory is built next to its destination and swapped in by `replace_dir`: where the
+kernel can exchange two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`), the new copy takes the old
+one's place at once and the old copy is deleted afterwards; elsewhere the old copy is first moved aside to
+`.<name>.replaced`, and `recover_dir` (called by `replace_dir` and by readers that need it) moves it back if
+a crash came between the two renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write` a temporary file next to `path`, fsync it and rename it over `path` (mode 0644)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file so that readers see the old or the new content, never a partial one."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path next to `path` for a writer that wants a file name (savefig, safetensors, tarfile);
+    renamed over `path` when the block ends without an error, removed otherwise. The suffix is kept."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to anyone else
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A new empty directory next to `final` to build its replacement in."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+
+
+def replace_dir(new: str | Path, final: str | Path) -> None:
+    """Make the finished directory `new` the one at `final` and delete the copy it replaces (if any)."""
+    new, final = Path(new), Path(final)
+    recover_dir(final)
+    if not final.exists():
+        os.rename(new, final)
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new)  # now the old copy
+        return
+    aside = _aside(final)
+    os.rename(final, aside)
+    os.rename(new, final)
+    shutil.rmtree(aside)
+
+
+def recover_dir(final: str | Path) -> None:
+    """Undo a replacement that a crash interrupted between its two renames (systems without an exchange)."""
+    final = Path(final)
+    aside = _aside(final)
+    if aside.exists():
+        if final.exists():
+            shutil.rmtree(aside)
+        else:
+            os.rename(aside, final)
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.replaced")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
