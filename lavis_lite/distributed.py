@@ -15,14 +15,19 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_gather_cat(x: Tensor) -> Tensor:
+    """`x` (equal shapes on every rank) concatenated over ranks along dim 0; no gradient."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient and returns the local shard's."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return _all_gather_cat(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -46,11 +51,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
 def gather_no_grad(x: Tensor) -> Tensor:
     """LAVIS's `concat_all_gather`: `x` concatenated over ranks along dim 0, detached (the local part too)."""
     x = x.detach()
-    if world()[1] == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return x if world()[1] == 1 else _all_gather_cat(x)
 
 
 def gather_padded(x: Tensor, pad_value: int) -> Tensor:
@@ -61,7 +62,4 @@ def gather_padded(x: Tensor, pad_value: int) -> Tensor:
     lengths = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(size)]
     dist.all_gather(lengths, torch.tensor([x.shape[1]], device=x.device))
     longest = int(max(t.item() for t in lengths))
-    x = F.pad(x, (0, longest - x.shape[1]), value=pad_value)
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return _all_gather_cat(F.pad(x, (0, longest - x.shape[1]), value=pad_value))

@@ -4,8 +4,10 @@ and for frozen weights.
 Devices (`device`, `--device`): auto (CUDA where there is one, else the CPU) | cpu | cuda.
 
 Training (`train.precision`, autocast): auto | fp32 (also written `no`, accelerate's name) | bf16 | fp16.
-Frozen weights (`llm.precision`): auto | fp32 | bf16 | fp16. Everywhere `auto` means bf16 where the device
-runs it natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU.
+Frozen weights (`llm.precision`): auto | fp32 | bf16 | fp16. For both, `auto` means bf16 where the device runs
+it natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU.
+(The frozen image encoder's `vision.precision=auto` and feature extraction still resolve on their own:
+fp32 on every CPU.)
 """
 
 from __future__ import annotations
@@ -75,7 +77,3 @@ def resolve_autocast(precision: str) -> str:
         raise ConfigError(f"train.precision='{precision}' is not one of auto, fp32 (or no), bf16, fp16")
     return _AUTOCAST[precision]
 
-
-def autocast_dtype(mixed_precision: str) -> torch.dtype:
-    """The dtype compute runs in under accelerate's `mixed_precision`."""
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]

@@ -123,7 +123,7 @@ class Blip2Stage1(nn.Module):
         gather = gather_with_grad if self.cfg.itc_gather_with_grad else gather_no_grad
         image_feats_all = gather(image_feats)
         text_feat_all = gather(text_feat)
-        ids_all = gather_with_grad(sample_ids)
+        ids_all = gather_no_grad(sample_ids)
         positives = sample_ids[:, None] == ids_all[None, :]
         sim_i2t = self.itc_similarity(image_feats, text_feat_all)
         sim_t2i = self.itc_similarity(image_feats_all, text_feat).t()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from lavis_lite.factory import load_stage2_checkpoint
 from lavis_lite.precision import resolve_device
 from lavis_lite.preprocess import ImageError, caption_images, open_image

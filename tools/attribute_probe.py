@@ -66,8 +66,15 @@ def probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, epoc
     return colour, shape
 
 
-def _tokens(cache, count: int) -> Tensor:
-    return torch.cat([cache.tokens(range(s, min(count, s + 500))) for s in range(0, count, 500)])
+def _cached_tokens(cfg, encoder, count: int) -> tuple[tuple[Tensor, Tensor], list[str], list[str]]:
+    """(first `count` training, all held-out) encoder tokens of a recipe's feature cache, and their captions."""
+    data = TrainingData(cfg.data, cfg.model.vision, encoder, None, cfg.model.max_text_len, None)
+    train, held = data.cache(cfg.data.train_shards, "train"), data.cache(cfg.data.val_shards, "val")
+
+    def tokens(cache, n: int) -> Tensor:
+        return torch.cat([cache.tokens(range(s, min(n, s + 500))) for s in range(0, n, 500)])
+
+    return (tokens(train, count), tokens(held, len(held))), train.captions[:count], held.captions
 
 
 @torch.no_grad()
@@ -75,21 +82,16 @@ def checkpoint_features(path: str, count: int) -> tuple[dict[str, tuple[Tensor, 
     """(train, held-out) features of a stage-1 run: its encoder's tokens and its query outputs."""
     model, _ = load_stage1_checkpoint(path)
     cfg = load_stage1_config(resolve_checkpoint(path) / CONFIG)
-    data = TrainingData(cfg.data, cfg.model.vision, model.vision, None, cfg.model.max_text_len, None)
-    train, held = data.cache(cfg.data.train_shards, "train"), data.cache(cfg.data.val_shards, "val")
-    tokens = _tokens(train, count), _tokens(held, len(held))
+    tokens, train_captions, held_captions = _cached_tokens(cfg, model.vision, count)
     queries = tuple(model.image_features(model.ln_vision(t))[0] for t in tokens)
-    return {"encoder tokens": tokens, "query outputs": queries}, train.captions[:count], held.captions
+    return {"encoder tokens": tokens, "query outputs": queries}, train_captions, held_captions
 
 
 @torch.no_grad()
 def encoder_features(config: str, overrides: list[str], count: int) -> tuple[tuple[Tensor, Tensor], list[str], list[str]]:
     """(train, held-out) tokens of the frozen encoder a stage-1 recipe with `overrides` builds (cached once)."""
     cfg = load_stage1_config(config, overrides)
-    encoder = build_vision_encoder(cfg.model.vision)
-    data = TrainingData(cfg.data, cfg.model.vision, encoder, None, cfg.model.max_text_len, None)
-    train, held = data.cache(cfg.data.train_shards, "train"), data.cache(cfg.data.val_shards, "val")
-    return (_tokens(train, count), _tokens(held, len(held))), train.captions[:count], held.captions
+    return _cached_tokens(cfg, build_vision_encoder(cfg.model.vision), count)
 
 
 def main() -> None:
