@@ -12,6 +12,8 @@ _PUBLIC = {
     "BlipOutputFeatures": ".features",
     "ConfigError": ".config",
     "ModelConfig": ".config",
+    "UserError": ".errors",
+    "list_models": ".config",
     "QFormer": ".qformer",
     "QFormerConfig": ".config",
     "Stage1Output": ".stage1_model",

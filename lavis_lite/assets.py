@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import MissingFileError
 from .io import atomic_path, replace_dir, staging_dir
 
 __all__ = [
@@ -47,7 +48,7 @@ _INSTALL_HINT = (
 _EFFNET_FORMAT = "lavis_lite.assets/timm-tf_efficientnet_lite0/v1"
 
 
-class AssetMissingError(FileNotFoundError):
+class AssetMissingError(MissingFileError):
     """An asset package is not installed, or does not hold the file it should."""
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import VisionConfig, to_dict
+from .config import ConfigError
 from .io import atomic_write_text, recover_dir, replace_dir, staging_dir
 from .vision import FrozenVisionEncoder
 
@@ -141,7 +142,7 @@ def cached_batches(
     """
     per_epoch = len(cache) // (batch_size * world_size)
     if per_epoch == 0:
-        raise ValueError(f"the cache holds {len(cache)} samples, fewer than one global batch of {batch_size * world_size}")
+        raise ConfigError(f"the cache holds {len(cache)} samples, fewer than one global batch of {batch_size * world_size}")
     n = start_batch
     while True:
         epoch, within = divmod(n, per_epoch)

@@ -23,8 +23,9 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from .factory import create_model, load_stage1_checkpoint
 from .data.transforms import clean_caption
+from .errors import UserError
+from .factory import create_model, load_stage1_checkpoint
 from .feature_cache import trace_encoder
 from .preprocess import image_processor
 from .stage1_model import Blip2Stage1
@@ -126,13 +127,13 @@ class Blip2FeatureExtractor(nn.Module):
         """Token ids and attention mask on the model's device: truncated to `max_text_len`, padded to the
         longest text."""
         if self.tokenizer is None:
-            raise ValueError(f"{self.source} has no tokenizer: set qformer.tokenizer (or qformer.bert) to use text")
+            raise UserError(f"{self.source} has no tokenizer: set qformer.tokenizer (or qformer.bert) to use text")
         texts = _as_list(texts)
         if not texts:
-            raise ValueError("no texts given")
+            raise UserError("no texts given")
         empty = [i for i, text in enumerate(texts) if not text.strip()]
         if empty:
-            raise ValueError(f"empty text at position(s) {empty[:5]}: every text needs at least one word")
+            raise UserError(f"empty text at position(s) {empty[:5]}: every text needs at least one word")
         return self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.model.cfg.max_text_len, return_tensors="pt"
         ).to(self.device)

@@ -25,11 +25,11 @@ from transformers import (
 
 from .config import ConfigError, LanguageModelConfig
 from .io import recover_dir, replace_dir, staging_dir
+from .losses import IGNORE
 from .precision import resolve_dtype
 
 log = logging.getLogger("lavis_lite.llm")
 
-IGNORE = -100  # label of positions that carry no loss
 
 
 def dequantised_copy(gguf: Path, cache_dir: Path) -> Path:

@@ -10,12 +10,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .data.transforms import PairTransform
+from .errors import UserError
 from .stage2_model import Blip2Stage2
 
 ImageInput = Union[Image.Image, str, Path]
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 

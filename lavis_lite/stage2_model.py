@@ -8,26 +8,19 @@ in the encoder and predict the suffix with the decoder (BLIP-2's prefix LM).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoint import load_weights, resolve_checkpoint
-from .config import ConfigError, Stage2ModelConfig
-from .llm import IGNORE, padded_prompt_ids
+from .config import Stage2ModelConfig
+from .llm import padded_prompt_ids
+from .losses import lm_loss
 from .qformer import QFormer
 from .vision import build_vision_encoder
 
-# The parts of a stage-1 checkpoint that stage 2 starts from (its ITC/ITM/ITG heads are not used).
-STAGE1_PREFIXES = ("ln_vision.", "query_tokens", "qformer.")
-# The text side of a stage-1 Q-Former, which stage 2 does not hold.
-STAGE1_TEXT_SIDE = re.compile(r"^qformer\.(embeddings\.(word|position)\.|layers\.\d+\.ffn_text\.|lm_head\.)")
 
 
 @dataclass
@@ -60,26 +53,6 @@ class Blip2Stage2(nn.Module):
         super().train(mode)
         self.llm.eval()  # frozen: no dropout, ever
         return self
-
-    def load_stage1(self, checkpoint: str | Path) -> None:
-        """Start from a trained stage-1 Q-Former: its ln_vision, queries and query-side Q-Former weights."""
-        path = resolve_checkpoint(checkpoint)
-        state = {k: v for k, v in load_weights(path).items() if k.startswith(STAGE1_PREFIXES)}
-        ours = {k for k in self.state_dict() if k.startswith(STAGE1_PREFIXES)}
-        missing = sorted(ours - set(state))
-        if missing:
-            raise ValueError(f"stage-1 checkpoint {path} lacks {missing[:5]}: is it a stage-1 checkpoint of this Q-Former?")
-        unexpected = sorted(k for k in set(state) - ours if not STAGE1_TEXT_SIDE.match(k))
-        if unexpected:
-            raise ConfigError(
-                f"stage-1 checkpoint {path} does not fit model.qformer: this model has no {unexpected[:3]}"
-            )
-        mismatched = [k for k in ours if state[k].shape != self.state_dict()[k].shape]
-        if mismatched:
-            raise ConfigError(
-                f"stage-1 checkpoint {path} does not fit model.qformer / model.vision: shapes differ for {mismatched[:3]}"
-            )
-        self.load_state_dict({k: state[k] for k in ours}, strict=False)
 
     # ---- building blocks ---------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:
@@ -127,9 +100,9 @@ class Blip2Stage2(nn.Module):
         # Position t predicts token t + 1: the last query predicts the first text token (a caption word where
         # there is neither BOS nor prompt), the text positions the rest.
         keep = input_ids.shape[1] + 1
-        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, logits_to_keep=keep).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-        return Stage2Output(loss, logits[:, 1:])
+        # Models that ignore `logits_to_keep` (OPT before transformers 5) return every position: keep the last.
+        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, logits_to_keep=keep).logits[:, -keep:]
+        return Stage2Output(lm_loss(logits[:, :-1], labels), logits[:, 1:])
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VisionConfig
+from .errors import MissingFileError
 
 # open_clip's OPENAI_DATASET_MEAN/STD (BLIP-2's image processor) and timm's ImageNet defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -267,7 +268,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """A state dict from `.safetensors` or a torch file, unwrapping a top-level "state_dict"/"model" key."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"vision checkpoint not found: {path}")
+        raise MissingFileError(f"vision.checkpoint={path} not found: give a local weights file (the demo's: make demo-assets)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -368,7 +369,7 @@ def _build_open_clip(cfg: VisionConfig) -> FrozenVisionEncoder:
 
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         # open_clip would treat a non-file as a pretrained tag and try to download it.
-        raise FileNotFoundError(f"vision checkpoint not found (open_clip needs a local file): {cfg.checkpoint}")
+        raise MissingFileError(f"vision.checkpoint={cfg.checkpoint} not found: open_clip needs a local weights file")
     model = open_clip.create_model(
         cfg.name,
         pretrained=cfg.checkpoint,

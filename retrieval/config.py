@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lavis_lite.config import merge_config
+from lavis_lite.config import merge_config, recipe_path
 
 
 @dataclass
@@ -40,5 +40,6 @@ TARGETS = ("image", "text")
 
 
 def load_build_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> BuildConfig:
-    """A BuildConfig from a YAML file (or none: the defaults) and `key=value` overrides; unknown keys raise."""
-    return merge_config(BuildConfig, [path] if path else [], overrides)
+    """A BuildConfig from a recipe (a YAML path or a packaged name such as `retrieval/demo`; none: the defaults)
+    and `key=value` overrides; unknown keys raise."""
+    return merge_config(BuildConfig, [recipe_path(path)] if path else [], overrides)

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lavis_lite.data import SkipCounter
+from lavis_lite.errors import UserError
 from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.io import atomic_write_text
 from lavis_lite.precision import resolve_device
@@ -40,9 +41,9 @@ DEFAULT_OUT = "runs/retrieval-eval/metrics.json"
 SIMILARITY_BLOCK = 64  # images per block of the similarity matrix ([block, texts, queries] floats at a time)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lavis-lite evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m retrieval.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--checkpoint", required=True, metavar="DIR", help="stage-1 run or checkpoint directory")
@@ -80,7 +81,7 @@ def embed_corpus(
                 texts += entry.captions
             progress.update(len(entries))
     if not vectors:
-        raise ValueError(f"corpus {args.corpus} has no usable image with a caption ({skipped.summary()})")
+        raise UserError(f"corpus {args.corpus} has no usable image with a caption ({skipped.summary()})")
     return torch.cat(vectors), (torch.cat(embeds) if embeds else torch.empty(0)), texts, img2txt, txt2img
 
 
@@ -128,13 +129,13 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "lavis-lite evaluate") -> int:
     """Evaluate; exit status 0, or 2 with `error: ...` on stderr for a bad checkpoint or corpus."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = evaluate(args)
-    except (OSError, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -7,14 +7,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import BertTokenizer
 
 from lavis_lite import Blip2FeatureExtractor, ConfigError, create_model, load_model_and_preprocess
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import LanguageModelConfig, Stage2ModelConfig
 from stage1.config import Stage1Config
 from stage2.config import Stage2Config
-from conftest import redraw_, tiny_config
+from conftest import redraw_, save_bert_tokenizer, tiny_config
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "small", "big", "on", "the", "left", "right", "of"]
 TEXTS = ["a red circle on the left", "the big blue square", "a small green circle", "red"]
@@ -23,9 +22,7 @@ TEXTS = ["a red circle on the left", "the big blue square", "a small green circl
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(path / "vocab.txt")).save_pretrained(path)
-    return path
+    return save_bert_tokenizer(path, WORDS)
 
 
 @pytest.fixture(scope="module")

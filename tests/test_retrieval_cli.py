@@ -21,7 +21,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import BertTokenizer
 
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import VisionConfig
@@ -34,6 +33,7 @@ from retrieval import build, evaluate, search
 from retrieval.corpus import Corpus, open_item_image
 from retrieval.index import IndexWriter, RetrievalIndex
 from stage1.config import Stage1Config
+from conftest import save_bert_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 VISION = dict(kind="timm", name="test_efficientnet", image_size=32)
@@ -72,10 +72,7 @@ def assets(tmp_path_factory):
     model, another draw of it and one with a different embedding width."""
     root = tmp_path_factory.mktemp("retrieval")
     generate(root / "data", train=0, val=IMAGES, image_size=32, seed=0, shard_size=12, progress=False)
-    (root / "tokenizer").mkdir()
-    vocab = root / "tokenizer" / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(vocab)).save_pretrained(root / "tokenizer")
+    save_bert_tokenizer(root / "tokenizer", WORDS)
     torch.manual_seed(0)
     trunk = build_vision_encoder(VisionConfig(**VISION)).trunk
     save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(root / "vision.safetensors"))

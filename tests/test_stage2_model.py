@@ -12,7 +12,7 @@ from lavis_lite import assets
 from lavis_lite import llm as llm_module
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import LanguageModelConfig
-from lavis_lite.factory import create_stage2_model
+from lavis_lite.factory import create_stage2_model, load_stage1_weights
 from lavis_lite.llm import IGNORE, dequantised_copy, lm_inputs, load_language_model, padded_prompt_ids, split_prefix
 from lavis_lite.train_config import OptimConfig, TrainConfig
 from lavis_lite.train_loop import train
@@ -189,7 +189,7 @@ def test_load_stage1_copies_the_query_side(tmp_path, llm_dirs):
     model = stage2(llm_dirs["opt"])
     keys = [k for k in model.state_dict() if k.startswith(("ln_vision.", "query_tokens", "qformer."))]
     assert not any(torch.equal(model.state_dict()[k], stage1[k]) for k in keys)
-    model.load_stage1(tmp_path / "stage1")
+    load_stage1_weights(model, tmp_path / "stage1")
     state = model.state_dict()
     assert len(keys) > 50 and all(torch.equal(state[k], stage1[k]) for k in keys)
 
@@ -199,7 +199,7 @@ def test_load_stage1_of_another_qformer_size_is_a_clear_error(tmp_path, llm_dirs
     stage1_checkpoint(tmp_path / "stage1", override)
     model = stage2(llm_dirs["opt"])
     with pytest.raises(ValueError, match="stage-1 checkpoint .* (lacks|does not fit)"):
-        model.load_stage1(tmp_path / "stage1")
+        load_stage1_weights(model, tmp_path / "stage1")
 
 
 # --- GGUF ------------------------------------------------------------------------------------------------
