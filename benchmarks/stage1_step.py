@@ -52,7 +52,7 @@ def main() -> None:
 
     def forward():
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return model(ids, mask, image_embeds=image_embeds)
+            return model(ids, mask, vision_tokens=image_embeds)
 
     def forward_backward():
         forward().loss.backward()

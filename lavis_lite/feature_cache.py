@@ -150,5 +150,5 @@ def cached_batches(
         start = (within * world_size + rank) * batch_size
         idx = order[start : start + batch_size]
         texts = tokenize([cache.captions[i] for i in idx.tolist()])
-        yield {"image_embeds": cache.tokens(idx), **texts}
+        yield {"vision_tokens": cache.tokens(idx), **texts}
         n += 1

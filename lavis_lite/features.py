@@ -27,6 +27,7 @@ from .data.transforms import clean_caption
 from .errors import UserError
 from .factory import create_model, load_stage1_checkpoint
 from .feature_cache import trace_encoder
+from .precision import resolve_dtype
 from .preprocess import image_processor
 from .stage1_model import Blip2Stage1
 
@@ -59,13 +60,6 @@ def weights_id(state: Mapping[str, Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on CUDA where supported, else fp16."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def caption_processor(max_words: int = 50) -> Callable[[str], str]:
@@ -232,13 +226,12 @@ def load_model_and_preprocess(
     """A feature extractor and its image and text processors (`{"eval": ...}`), LAVIS style.
 
     `name_or_checkpoint`: a stage-1 run or checkpoint directory (trained weights), or a model config name
-    under configs/model/ or YAML path (untrained). `dtype` (default: fp32 on CPU, bf16 on CUDA where
-    supported, else fp16) is what the vision encoder and Q-Former compute in; `overrides` apply to the
+    under configs/model/ or YAML path (untrained). `dtype` (default: `auto`, see `lavis_lite.precision`) is what the vision encoder and Q-Former compute in; `overrides` apply to the
     model config (attention defaults to SDPA). The model is built in fp32, identified by `checkpoint_id`
     (independent of dtype and device), then cast once.
     """
     device = torch.device(device)
-    dtype = default_dtype(device) if dtype is None else dtype
+    dtype = resolve_dtype("auto", device) if dtype is None else dtype
     # No backward pass here: SDPA, unlike for training on CPU, is the faster attention (unless overridden).
     overrides = ["qformer.attn_impl=sdpa", *overrides, "vision.precision=fp32"]
     if Path(name_or_checkpoint).is_dir():

@@ -4,10 +4,9 @@ and for frozen weights.
 Devices (`device`, `--device`): auto (CUDA where there is one, else the CPU) | cpu | cuda.
 
 Training (`train.precision`, autocast): auto | fp32 (also written `no`, accelerate's name) | bf16 | fp16.
-Frozen weights (`llm.precision`): auto | fp32 | bf16 | fp16. For both, `auto` means bf16 where the device runs
-it natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU.
-(The frozen image encoder's `vision.precision=auto` and feature extraction still resolve on their own:
-fp32 on every CPU.)
+Frozen weights (`llm.precision`, `vision.precision`, feature extraction's dtype): auto | fp32 | bf16 | fp16.
+Everywhere `auto` means bf16 where the device runs it natively (CUDA GPUs that support it, CPUs with
+AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU.
 """
 
 from __future__ import annotations

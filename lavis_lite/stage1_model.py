@@ -96,22 +96,22 @@ class Blip2Stage1(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         images: Optional[Tensor] = None,
-        image_embeds: Optional[Tensor] = None,
+        vision_tokens: Optional[Tensor] = None,
         sample_ids: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Stage1Output:
         """The summed stage-1 losses for a batch of pairs.
 
-        Give `images` (pixels) or `image_embeds` (frozen encoder output before ln_vision, e.g.
+        Give `images` (pixels) or `vision_tokens` (the frozen encoder's output before ln_vision, e.g.
         from a feature cache). `sample_ids` marks pairs that share a caption or an image: with
         `caption_positives`, pairs with equal ids count as positives in ITC and are never drawn as ITM negatives.
         Across processes every rank must hold the same batch size.
         """
-        if image_embeds is None:
+        if vision_tokens is None:
             if images is None:
-                raise ValueError("give images (pixels) or image_embeds (frozen encoder tokens)")
-            image_embeds = self.vision(images)
-        image_embeds = self.ln_vision(image_embeds)
+                raise ValueError("give images (pixels) or vision_tokens (frozen encoder tokens)")
+            vision_tokens = self.vision(images)
+        image_embeds = self.ln_vision(vision_tokens)
         rank, _ = world()
         batch = input_ids.shape[0]
         if sample_ids is None or not self.cfg.caption_positives:

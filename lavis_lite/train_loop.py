@@ -136,107 +136,20 @@ def train(
 ) -> TrainResult:
     """Train `model` for `cfg.steps` optimizer steps; returns the final step and evaluation metrics.
 
-    `evaluate` runs on the main process every `cfg.eval_every` steps and at the end; `run_config`
-    is saved with each checkpoint; `resume` continues from the run directory's latest checkpoint.
+    `evaluate` runs on every process (it splits its work across ranks) every `cfg.eval_every` steps and at the
+    end; `run_config` is saved with each checkpoint; `resume` continues from the run directory's latest checkpoint.
     """
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    precision = resolve_autocast(cfg.precision)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it, accelerate treats CPU processes as independent runs
-        mixed_precision=precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
-    )
-    _setup_logging(run_dir, accelerator.is_main_process)
-    log.info("precision: %s (train.precision=%s), %d process(es)", precision, cfg.precision, accelerator.num_processes)
-    set_seed(cfg.seed + accelerator.process_index)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale, cfg.optim.start_step),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps,
-    )
-    # Stepped by hand, once per optimizer step: accelerate's prepared scheduler steps once per process.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [warmup_cosine(cfg.optim, cfg.steps, group["start_step"]) for group in optimizer.param_groups]
-    )
-
-    start_step, nonfinite_total = 0, 0
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        log.warning("--resume: no checkpoint in %s, starting from step 0", run_dir)
-    if checkpoint is not None:
-        load_trainable_state_dict(model, load_weights(checkpoint), str(checkpoint))
-        state = load_training_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][min(accelerator.process_index, len(state["rng"]) - 1)])
-        start_step, nonfinite_total = state["step"], state["nonfinite_steps"]
-        if observer is not None and state.get("observer") is not None:
-            observer.load_state_dict(state["observer"])
-        log.info("resumed from %s at step %d", checkpoint, start_step)
-        _truncate_history(run_dir / "metrics.jsonl", start_step)
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    writer = _tensorboard(run_dir) if accelerator.is_main_process else None
-    stream = batches(start_step * cfg.grad_accum)
-    progress = tqdm(
-        total=cfg.steps, initial=start_step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True
-    )
+    run = _Run.start(cfg, model, run_config, observer, find_unused_parameters)
+    step, nonfinite_total = run.resume() if resume else (0, 0)
+    run.prepare()
+    stream = batches(step * cfg.grad_accum)
+    progress = tqdm(total=cfg.steps, initial=step, desc="train", disable=not run.is_main, dynamic_ncols=True)
     started, consecutive_nonfinite, window, window_start = time.time(), 0, [], time.time()
     metrics: dict[str, float] = {}
-    step = start_step
-
-    def checkpoint_now() -> None:
-        states = [rng_state()]
-        if accelerator.num_processes > 1:
-            states = [None] * accelerator.num_processes
-            dist.all_gather_object(states, rng_state())
-        if accelerator.is_main_process:
-            save_checkpoint(
-                run_dir,
-                step,
-                unwrapped,
-                {
-                    "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": states,
-                    "nonfinite_steps": nonfinite_total,
-                    "observer": observer.state_dict() if observer is not None else None,
-                },
-                run_config if run_config is not None else cfg,
-                keep=cfg.keep_checkpoints,
-            )
-            if (run_dir / "metrics.jsonl").is_file():
-                plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-        accelerator.wait_for_everyone()
-
     while step < cfg.steps:
-        model.train()
-        parts: dict[str, Tensor] = {}
-        finite = torch.ones((), device=accelerator.device)
-        for micro in range(cfg.grad_accum):
-            batch = _to_device(next(stream), accelerator.device)
-            if observer is not None:
-                observer.update(batch)
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            with contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model):
-                with accelerator.autocast():
-                    losses = loss_fn(model, batch)
-                accelerator.backward(losses["loss"] / cfg.grad_accum)
-            finite = finite * torch.isfinite(losses["loss"].detach())
-            for name, value in losses.items():
-                parts[name] = parts.get(name, 0.0) + value.detach().float() / cfg.grad_accum
-        # The step's one host sync, and every rank's decisions in it: a non-finite loss on any rank skips the
-        # update, and the time limit passed on any rank's clock stops all of them after this step.
-        # (accelerate's reduce knows sum, mean and max: the flags say "stop", so max is "any rank").
+        parts, finite = run.accumulate(loss_fn, stream)
         over_time = cfg.time_limit_minutes is not None and (time.time() - started) / 60 >= cfg.time_limit_minutes
-        stop = torch.stack([1 - finite, torch.tensor(float(over_time), device=finite.device)])
-        if accelerator.num_processes > 1:
-            stop = accelerator.reduce(stop, reduction="max")
-        poisoned, out_of_time = (flag > 0 for flag in stop.tolist())
+        poisoned, out_of_time = run.stop_flags(finite, over_time)
         if poisoned:
             nonfinite_total += 1
             consecutive_nonfinite += 1
@@ -248,39 +161,178 @@ def train(
                 )
         else:
             consecutive_nonfinite = 0
-            if cfg.optim.grad_clip is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+            window.append(parts)
+        run.update(apply=not poisoned)
         step += 1
         progress.update(1)
-        if not poisoned:
-            window.append(parts)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            record = _log_window(window, step, scheduler.get_last_lr()[0], time.time() - window_start)
+            run.log(_log_window(window, step, run.scheduler.get_last_lr()[0], time.time() - window_start), progress)
             window, window_start = [], time.time()
-            if accelerator.is_main_process and record:
-                progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "itc", "itm", "itg")})
-                _append_history(run_dir / "metrics.jsonl", record)
-                for key, value in record.items():
-                    if key != "step":
-                        writer.add_scalar(f"train/{key}", value, step)
         if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
-            checkpoint_now()
+            run.checkpoint(step, nonfinite_total)
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            metrics = _evaluate(evaluate, unwrapped, accelerator, writer, step, run_dir)
+            metrics = run.evaluate(evaluate, step)
         if out_of_time:
             log.warning("time limit of %.1f min reached at step %d; stopping", cfg.time_limit_minutes, step)
             break
     progress.close()
     train_seconds = time.time() - started
     if evaluate is not None:
-        metrics = _evaluate(evaluate, unwrapped, accelerator, writer, step, run_dir)
-    if writer is not None:
-        writer.close()
-    accelerator.end_training()
+        metrics = run.evaluate(evaluate, step)
+    run.close()
     return TrainResult(step, metrics, nonfinite_total, train_seconds)
+
+
+@dataclass
+class _Run:
+    """One training run's parts (accelerator, model, optimizer, schedule, run directory) and what it does with
+    them beside the loop itself: resume, one step's forward/backward and update, logs, checkpoints, evaluation."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    run_dir: Path
+    run_config: Any
+    observer: Optional[BatchObserver]
+    unwrapped: Optional[nn.Module] = None
+    writer: Any = None
+
+    @classmethod
+    def start(
+        cls, cfg: TrainConfig, model: nn.Module, run_config: Any, observer: Optional[BatchObserver], find_unused: bool
+    ) -> "_Run":
+        run_dir = Path(cfg.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        precision = resolve_autocast(cfg.precision)
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # without it, accelerate treats CPU processes as independent runs
+            mixed_precision=precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+        )
+        _setup_logging(run_dir, accelerator.is_main_process)
+        log.info("precision: %s (train.precision=%s), %d process(es)", precision, cfg.precision, accelerator.num_processes)
+        set_seed(cfg.seed + accelerator.process_index)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale, cfg.optim.start_step),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+        )
+        # Stepped by hand, once per optimizer step: accelerate's prepared scheduler steps once per process.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [warmup_cosine(cfg.optim, cfg.steps, group["start_step"]) for group in optimizer.param_groups]
+        )
+        return cls(cfg, accelerator, model, optimizer, scheduler, run_dir, run_config, observer)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def resume(self) -> tuple[int, int]:
+        """Load the run directory's latest checkpoint; returns its step and non-finite step count."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            log.warning("--resume: no checkpoint in %s, starting from step 0", self.run_dir)
+            return 0, 0
+        load_trainable_state_dict(self.model, load_weights(checkpoint), str(checkpoint))
+        state = load_training_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][min(self.accelerator.process_index, len(state["rng"]) - 1)])
+        if self.observer is not None and state.get("observer") is not None:
+            self.observer.load_state_dict(state["observer"])
+        log.info("resumed from %s at step %d", checkpoint, state["step"])
+        _truncate_history(self.run_dir / "metrics.jsonl", state["step"])
+        return state["step"], state["nonfinite_steps"]
+
+    def prepare(self) -> None:
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.writer = _tensorboard(self.run_dir) if self.is_main else None
+
+    def accumulate(self, loss_fn: LossFn, stream: Iterator[dict]) -> tuple[dict[str, Tensor], Tensor]:
+        """Forward and backward over one step's micro-batches: the mean loss parts and whether all were finite
+        (device tensors: nothing here waits for the device)."""
+        self.model.train()
+        parts: dict[str, Tensor] = {}
+        finite = torch.ones((), device=self.accelerator.device)
+        for micro in range(self.cfg.grad_accum):
+            batch = _to_device(next(stream), self.accelerator.device)
+            if self.observer is not None:
+                self.observer.update(batch)
+            # Gradients are all-reduced only on the last micro-batch of a step.
+            last = micro == self.cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    losses = loss_fn(self.model, batch)
+                self.accelerator.backward(losses["loss"] / self.cfg.grad_accum)
+            finite = finite * torch.isfinite(losses["loss"].detach())
+            for name, value in losses.items():
+                parts[name] = parts.get(name, 0.0) + value.detach().float() / self.cfg.grad_accum
+        return parts, finite
+
+    def stop_flags(self, finite: Tensor, over_time: bool) -> tuple[bool, bool]:
+        """The step's one host sync, and every rank's decisions in it: a non-finite loss on any rank skips the
+        update, and the time limit passed on any rank's clock stops all of them after this step.
+        (accelerate's reduce knows sum, mean and max: the flags say "stop", so max is "any rank")."""
+        stop = torch.stack([1 - finite, torch.tensor(float(over_time), device=finite.device)])
+        if self.accelerator.num_processes > 1:
+            stop = self.accelerator.reduce(stop, reduction="max")
+        poisoned, out_of_time = (flag > 0 for flag in stop.tolist())
+        return poisoned, out_of_time
+
+    def update(self, apply: bool) -> None:
+        """Clip and apply the gradients (unless the step was skipped), clear them and advance the schedule."""
+        if apply:
+            if self.cfg.optim.grad_clip is not None:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def log(self, record: dict[str, float], progress: tqdm) -> None:
+        if self.is_main and record:
+            progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "itc", "itm", "itg")})
+            _append_history(self.run_dir / "metrics.jsonl", record)
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+
+    def checkpoint(self, step: int, nonfinite_total: int) -> None:
+        """Every rank's RNG state gathered; the main process writes the checkpoint and re-plots the loss curve."""
+        states = [rng_state()]
+        if self.accelerator.num_processes > 1:
+            states = [None] * self.accelerator.num_processes
+            dist.all_gather_object(states, rng_state())
+        if self.is_main:
+            save_checkpoint(
+                self.run_dir,
+                step,
+                self.unwrapped,
+                {
+                    "step": step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": states,
+                    "nonfinite_steps": nonfinite_total,
+                    "observer": self.observer.state_dict() if self.observer is not None else None,
+                },
+                self.run_config if self.run_config is not None else self.cfg,
+                keep=self.cfg.keep_checkpoints,
+            )
+            if (self.run_dir / "metrics.jsonl").is_file():
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+        self.accelerator.wait_for_everyone()
+
+    def evaluate(self, evaluate: Evaluate, step: int) -> dict:
+        return _evaluate(evaluate, self.unwrapped, self.accelerator, self.writer, step, self.run_dir)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.accelerator.end_training()
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -317,13 +369,12 @@ def _tensorboard(run_dir: Path):
 
 
 def _evaluate(evaluate: Evaluate, model: nn.Module, accelerator: Accelerator, writer, step: int, run_dir: Path) -> dict:
-    """Evaluate on the main process (others wait); write metrics.json atomically and to TensorBoard."""
-    metrics: dict[str, float] = {}
+    """Evaluate on every process (the evaluation splits its work across ranks and returns the whole result on
+    each); the main process writes metrics.json atomically and to TensorBoard."""
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        metrics = {"step": step, **evaluate(model)}
     if accelerator.is_main_process:
-        model.eval()
-        with torch.no_grad(), accelerator.autocast():
-            metrics = evaluate(model)
-        metrics = {"step": step, **metrics}
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key != "step":

@@ -32,7 +32,7 @@ from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
 from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
-from lavis_lite.precision import resolve_device
+from lavis_lite.precision import resolve_device, resolve_dtype
 
 from .config import TARGETS, BuildConfig, load_build_config
 from .corpus import Corpus, CorpusEntry, ImageProcessor, batched
@@ -99,7 +99,8 @@ def run(cfg: BuildConfig) -> Path:
     device = resolve_device(cfg.device)
     text = cfg.target == "text"
     corpus = Corpus(cfg.corpus.path, cfg.corpus.kind, cfg.corpus.image_root, cfg.corpus.max_words, require_captions=text)
-    model, vis_processors, _ = load_model_and_preprocess(cfg.checkpoint, device=device)
+    dtype = resolve_dtype(cfg.precision, device, "precision")
+    model, vis_processors, _ = load_model_and_preprocess(cfg.checkpoint, device=device, dtype=dtype)
     writer = IndexWriter(
         cfg.output_dir,
         dim=model.embed_dim,

@@ -32,6 +32,7 @@ class BuildConfig:
     chunk_size: int = 1024  # corpus images per index chunk (the unit of resume; bounds memory)
     num_workers: int = 4  # threads decoding and resizing images
     device: str = "auto"  # auto (cuda where available) | cpu | cuda
+    precision: str = "auto"  # what the encoder and Q-Former compute in: auto | fp32 | bf16 | fp16 (lavis_lite.precision)
     index_type: str = "auto"  # see retrieval.index.INDEX_TYPES
     index_options: dict[str, Any] = field(default_factory=dict)  # passed to the index (e.g. nlist, M)
 

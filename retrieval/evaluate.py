@@ -29,7 +29,7 @@ from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
 from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.io import atomic_write_text
-from lavis_lite.precision import resolve_device
+from lavis_lite.precision import resolve_device, resolve_dtype
 from lavis_lite.retrieval_metrics import evaluate_similarity
 from lavis_lite.stage1_model import Blip2Stage1
 
@@ -55,6 +55,8 @@ def build_parser(prog: str = "lavis-lite evaluate") -> argparse.ArgumentParser:
     add("--batch-size", type=int_at_least(1), default=64, metavar="N", help="images / captions per forward pass")
     add("--num-workers", type=int_at_least(1), default=4, metavar="N", help="image decoding threads (default: 4)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="what the model computes in (default: auto, bf16 where the device runs it natively)")
     return parser
 
 
@@ -88,7 +90,9 @@ def embed_corpus(
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation report: metrics (fractions), counts, skips and what was evaluated."""
     corpus = Corpus(args.corpus, image_root=args.image_root, require_captions=True)
-    model, vis_processors, _ = load_model_and_preprocess(args.checkpoint, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device, "--precision")
+    model, vis_processors, _ = load_model_and_preprocess(args.checkpoint, device=device, dtype=dtype)
     skipped = SkipCounter()
     image_vectors, image_embeds, texts, img2txt, txt2img = embed_corpus(model, vis_processors["eval"], corpus, args, skipped)
     text_vectors = torch.cat([model.text_vectors(batch).cpu() for batch in batched(texts, args.batch_size)])

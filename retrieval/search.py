@@ -27,7 +27,7 @@ from PIL import Image
 from lavis_lite.errors import UserError
 from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.gallery import GalleryItem, GallerySection, thumbnail, write_sections
-from lavis_lite.precision import resolve_device
+from lavis_lite.precision import resolve_device, resolve_dtype
 from lavis_lite.preprocess import ImageError, open_image
 
 from .corpus import ImageProcessor, batched, describe_locator, open_item_image
@@ -65,6 +65,8 @@ def build_parser(prog: str = "lavis-lite search") -> argparse.ArgumentParser:
     add("--json", action="store_true", help="print JSON instead of a table")
     add("--html", metavar="FILE", help="also write an HTML gallery of the hits")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="what the model computes in (default: auto, bf16 where the device runs it natively)")
     add("--nprobe", type=int_at_least(1), metavar="N", help="IVF lists searched (default: the index's)")
     add("--ef-search", type=int_at_least(1), metavar="N", help="HNSW beam width (default: the index's)")
     return parser
@@ -118,7 +120,8 @@ def load_model(args: argparse.Namespace, manifest: dict) -> tuple[Blip2FeatureEx
     checkpoint = args.checkpoint or manifest["source"]
     try:
         device = resolve_device(args.device)
-        model, vis_processors, txt_processors = load_model_and_preprocess(checkpoint, device=device)
+        dtype = resolve_dtype(args.precision, device, "--precision")
+        model, vis_processors, txt_processors = load_model_and_preprocess(checkpoint, device=device, dtype=dtype)
     except (OSError, UserError) as err:
         given = "--checkpoint" if args.checkpoint else "the index's checkpoint"
         raise UserError(f"cannot load {given} {checkpoint}: {err}") from None

@@ -18,7 +18,7 @@ def stage2_loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:
         attention_mask=batch["attention_mask"],
         labels=batch["labels"],
         images=batch.get("image"),
-        image_embeds=batch.get("image_embeds"),
+        vision_tokens=batch.get("vision_tokens"),
     )
     return {"loss": out.loss}
 

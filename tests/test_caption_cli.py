@@ -28,7 +28,7 @@ from stage2 import caption
 from stage2.config import Stage2Config
 
 ROOT = Path(__file__).resolve().parent.parent
-VISION = dict(kind="timm", name="test_efficientnet", image_size=32)
+VISION = dict(kind="timm", name="test_efficientnet", image_size=32, precision="fp32")
 SETTINGS = ["--num-beams", "2", "--max-new-tokens", "6"]
 
 

@@ -88,7 +88,7 @@ def build_args(assets, out: Path, *extra: str) -> list[str]:
     root, runs = assets
     return ["--config", str(ROOT / "configs/retrieval/demo.yaml"), f"checkpoint={runs['model']}",
             f"corpus.path={root / 'data/val'}", f"output_dir={out}", "batch_size=5", "chunk_size=10",
-            "num_workers=2", "device=cpu", *extra]
+            "num_workers=2", "device=cpu", "precision=fp32", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +104,14 @@ def indexes(assets, tmp_path_factory):
 def reference(assets):
     """The model in this process and every corpus image's pixels, captions and key, in corpus order."""
     root, runs = assets
-    model, vis, txt = load_model_and_preprocess(str(runs["model"]))
+    model, vis, txt = load_model_and_preprocess(str(runs["model"]), dtype=torch.float32)
     items = list(Corpus(str(root / "data/val")).items(SkipCounter()))
     pixels = torch.stack([vis["eval"](item.image) for item in items])
     return model, txt["eval"], pixels, [item.captions[0] for item in items], [item.key for item in items]
 
 
 def run_search(capsys, *args: str) -> dict:
-    assert search.main([*args, "--json"]) == 0
+    assert search.main([*args, "--precision", "fp32", "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 

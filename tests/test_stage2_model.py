@@ -55,7 +55,7 @@ def test_training_changes_only_the_bridge(tmp_path, llm_dirs, kind):
     def batches(start: int):
         gen = torch.Generator().manual_seed(start)
         while True:
-            yield {**text, "image_embeds": torch.randn(len(CAPTIONS), 17, model.vision.width, generator=gen)}
+            yield {**text, "vision_tokens": torch.randn(len(CAPTIONS), 17, model.vision.width, generator=gen)}
 
     llm_modes = []
 
@@ -256,5 +256,5 @@ def test_the_lm_head_reads_contiguous_hidden_states(llm_dirs):
     seen = []
     model.llm.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
     batch = lm_inputs(model.tokenizer, False, PROMPTS, CAPTIONS, 24)
-    reference = model(image_embeds=torch.randn(3, 17, model.vision.width), **batch)
+    reference = model(vision_tokens=torch.randn(3, 17, model.vision.width), **batch)
     assert seen == [True] and torch.isfinite(reference.loss)
