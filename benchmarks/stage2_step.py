@@ -1,5 +1,5 @@
 """Stage-2 training step and batched caption generation on this device: ours (`Blip2Stage2`) against
-transformers' `Blip2ForConditionalGeneration` holding the same weights (`lavis_lite.convert_hf`), same run.
+transformers' `Blip2ForConditionalGeneration` holding the same weights (`lavis_lite.interop.convert_hf`), same run.
 
     .venv/bin/python benchmarks/stage2_step.py [--llm smollm2] [--qformer minilm] [--batch 16] [--dtype fp32]
         [--vision-tokens] [key=value ...]        # key=value: overrides of our stage-2 model config
@@ -47,13 +47,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny_llm.py: the word-level tokenizer
 
 from lavis_lite.config import Stage2ModelConfig, merge_config  # noqa: E402
-from lavis_lite.convert_hf import (  # noqa: E402
+from lavis_lite.interop.convert_hf import (  # noqa: E402
     HF_TEXT_FFN, hf_conditional_generation_config, to_hf_conditional_generation,
 )
-from lavis_lite.factory import create_stage2_model  # noqa: E402
-from lavis_lite.llm import IGNORE, lm_inputs, padded_prompt_ids  # noqa: E402
-from lavis_lite.qformer import resolve_attn_impl  # noqa: E402
-from lavis_lite.train_loop import param_groups  # noqa: E402
+from lavis_lite.models.factory import create_stage2_model  # noqa: E402
+from lavis_lite.models.llm import IGNORE, lm_inputs, padded_prompt_ids  # noqa: E402
+from lavis_lite.models.qformer import resolve_attn_impl  # noqa: E402
+from lavis_lite.training.train_loop import param_groups  # noqa: E402
 from tests.tiny_llm import BOS, EOS, PAD, WORDS, tiny_llm, word_tokenizer  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stage2" / "demo.yaml"

@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ConfigError
-from .errors import MissingFileError
-from .io import atomic_write_text, replace_dir, staging_dir
+from lavis_lite.config import ConfigError
+from lavis_lite.errors import MissingFileError
+from lavis_lite.io import atomic_write_text, replace_dir, staging_dir
 
 WEIGHTS = "model.safetensors"
 STATE = "training_state.pt"

@@ -12,12 +12,12 @@ from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import UserError
+from lavis_lite.errors import UserError
 
 
 @dataclass
 class VisionConfig:
-    """The frozen image encoder: `kind` picks the adapter (see `lavis_lite.vision`)."""
+    """The frozen image encoder: `kind` picks the adapter (see `lavis_lite.models.vision`)."""
 
     kind: str = "open_clip"  # open_clip | timm | vit
     name: str = "EVA01-g-14"  # open_clip / timm model name

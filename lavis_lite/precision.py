@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .config import ConfigError
+from lavis_lite.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # train.precision -> accelerate's mixed_precision

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
-from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.precision import resolve_device, resolve_dtype
 
 from .config import TARGETS, BuildConfig, load_build_config

@@ -39,7 +39,7 @@ from lavis_lite.data.samples import (
 from lavis_lite.data.transforms import clean_caption
 from lavis_lite.data.webdataset_pipeline import IMAGE_EXTENSIONS, list_shards, sample_caption
 from lavis_lite.errors import UserError
-from lavis_lite.preprocess import ImageError, open_image
+from lavis_lite.inference.preprocess import ImageError, open_image
 
 CORPUS_KINDS = ("auto", "shards", "folder", "karpathy", "table")
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
-from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.io import atomic_write_text
 from lavis_lite.precision import resolve_device, resolve_dtype
-from lavis_lite.retrieval_metrics import evaluate_similarity
-from lavis_lite.stage1_model import Blip2Stage1
+from lavis_lite.evaluation.retrieval_metrics import evaluate_similarity
+from lavis_lite.models.stage1_model import Blip2Stage1
 
 from .corpus import Corpus, ImageProcessor, batched
 from .search import int_at_least

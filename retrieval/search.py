@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from lavis_lite.errors import UserError
-from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
-from lavis_lite.gallery import GalleryItem, GallerySection, thumbnail, write_sections
+from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.inference.gallery import GalleryItem, GallerySection, thumbnail, write_sections
 from lavis_lite.precision import resolve_device, resolve_dtype
-from lavis_lite.preprocess import ImageError, open_image
+from lavis_lite.inference.preprocess import ImageError, open_image
 
 from .corpus import ImageProcessor, batched, describe_locator, open_item_image
 from .index import Hit, IndexLoadError, RetrievalIndex

@@ -18,8 +18,8 @@ from accelerate import PartialState
 from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
-from lavis_lite.factory import create_model
-from lavis_lite.train_loop import train
+from lavis_lite.models.factory import create_model
+from lavis_lite.training.train_loop import train
 
 from .config import Stage1Config, load_stage1_config
 from .data import stage1_data

@@ -15,10 +15,10 @@ import argparse
 import sys
 
 from lavis_lite.errors import UserError
-from lavis_lite.factory import load_stage2_checkpoint
+from lavis_lite.models.factory import load_stage2_checkpoint
 from lavis_lite.precision import resolve_device
-from lavis_lite.preprocess import ImageError, caption_images, open_image
-from lavis_lite.stage2_model import Blip2Stage2
+from lavis_lite.inference.preprocess import ImageError, caption_images, open_image
+from lavis_lite.models.stage2_model import Blip2Stage2
 
 
 def positive_int(text: str) -> int:

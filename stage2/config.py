@@ -8,7 +8,7 @@ from typing import Sequence
 
 from lavis_lite.config import Stage2ModelConfig, merge_config, recipe_path
 from lavis_lite.data import DataConfig
-from lavis_lite.train_config import TrainConfig
+from lavis_lite.training.train_config import TrainConfig
 
 
 @dataclass

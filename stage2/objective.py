@@ -8,8 +8,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from lavis_lite.llm import lm_inputs, split_prefix
-from lavis_lite.stage2_model import Blip2Stage2
+from lavis_lite.models.llm import lm_inputs, split_prefix
+from lavis_lite.models.stage2_model import Blip2Stage2
 
 
 def stage2_loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:

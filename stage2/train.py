@@ -22,10 +22,10 @@ from lavis_lite.data import SkipCounter
 from lavis_lite.data.training_data import TrainingData
 from lavis_lite.data.webdataset_pipeline import read_images
 from lavis_lite.errors import UserError
-from lavis_lite.factory import create_stage2_model
-from lavis_lite.gallery import GalleryItem, write_gallery
+from lavis_lite.models.factory import create_stage2_model
+from lavis_lite.inference.gallery import GalleryItem, write_gallery
 from lavis_lite.precision import resolve_autocast
-from lavis_lite.train_loop import train
+from lavis_lite.training.train_loop import train
 
 from .config import Stage2Config, load_stage2_config
 from .evaluate import evaluate_captions

@@ -5,7 +5,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from lavis_lite import create_model
-from lavis_lite.factory import create_stage2_model
+from lavis_lite.models.factory import create_stage2_model
 from conftest import BERT_SPECIAL, redraw_, save_bert_tokenizer, tiny_config
 from tiny_llm import save_tiny_llm
 

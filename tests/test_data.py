@@ -31,7 +31,7 @@ from lavis_lite.data import (
     read_table,
     swap_left_right,
 )
-from lavis_lite.tokenizer import build_tokenizer
+from lavis_lite.models.tokenizer import build_tokenizer
 from conftest import save_bert_tokenizer
 
 WORDS = "a an the of on and to large small red green blue circle square dog cat photo left right".split()

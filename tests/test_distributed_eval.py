@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import save_bert_tokenizer, tiny_model
 from lavis_lite.data.training_data import HeldOut
-from lavis_lite.tokenizer import build_tokenizer
+from lavis_lite.models.tokenizer import build_tokenizer
 from stage1.config import EvalConfig
 from stage1.evaluate import evaluate_retrieval
 from stage2.config import CaptionEvalConfig

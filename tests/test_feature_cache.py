@@ -5,7 +5,7 @@ import itertools
 import torch
 
 from lavis_lite.config import VisionConfig
-from lavis_lite.feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches
+from lavis_lite.data.feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches
 
 
 def fake_batches(count: int, size: int = 5):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lavis_lite.losses import IGNORE, itc_loss, itg_loss, itm_loss, lm_loss, sample_negatives
+from lavis_lite.models.losses import IGNORE, itc_loss, itg_loss, itm_loss, lm_loss, sample_negatives
 from conftest import text_batch, tiny_model
 
 B = 8

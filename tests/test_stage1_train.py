@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import BertConfig, BertModel
 
-from lavis_lite.data.synthetic import COLOURS, SHAPES, generate
+from lavis_lite.demo.synthetic import COLOURS, SHAPES, generate
 from conftest import BERT_SPECIAL, save_bert_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lavis_lite.factory import create_stage2_model
-from lavis_lite.llm import IGNORE
+from lavis_lite.models.factory import create_stage2_model
+from lavis_lite.models.llm import IGNORE
 from stage2.objective import caption_text
 from tiny_llm import save_tiny_llm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lavis_lite.query_diversity import qformer_hidden_states, query_similarity  # noqa: E402
+from lavis_lite.evaluation.query_diversity import qformer_hidden_states, query_similarity  # noqa: E402
 from tools.stage2_diagnostics import loss_by_word_kind, spread_ratio, token_word_index, word_kind  # noqa: E402
 
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from tokenizers import processors
 
-from lavis_lite import assets
-from lavis_lite import llm as llm_module
+from lavis_lite.demo import assets
+from lavis_lite.models import llm as llm_module
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import LanguageModelConfig
-from lavis_lite.factory import create_stage2_model, load_stage1_weights
-from lavis_lite.llm import IGNORE, dequantised_copy, lm_inputs, load_language_model, padded_prompt_ids, split_prefix
-from lavis_lite.train_config import OptimConfig, TrainConfig
-from lavis_lite.train_loop import train
+from lavis_lite.models.factory import create_stage2_model, load_stage1_weights
+from lavis_lite.models.llm import IGNORE, dequantised_copy, lm_inputs, load_language_model, padded_prompt_ids, split_prefix
+from lavis_lite.training.train_config import OptimConfig, TrainConfig
+from lavis_lite.training.train_loop import train
 from stage2.objective import stage2_loss
 from conftest import redraw_, tiny_config, tiny_model
 from test_parity_stage2 import redraw_all_

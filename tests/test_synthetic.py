@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lavis_lite.data import Collator, DataConfig, PairTransform, SkipCounter, build_wds_pipeline, list_shards, synthetic
-from lavis_lite.data.synthetic import COLOURS, SHAPES, SIZES, WHERE, generate, make_example
+from lavis_lite.data import Collator, DataConfig, PairTransform, SkipCounter, build_wds_pipeline, list_shards
+from lavis_lite.demo import synthetic
+from lavis_lite.demo.synthetic import COLOURS, SHAPES, SIZES, WHERE, generate, make_example
 from conftest import save_bert_tokenizer
 
 PHRASE = r"(?:small|large) \w+ \w+"
@@ -188,7 +189,7 @@ def test_flip_with_swap_keeps_captions_true():
 def test_synthetic_shards_load_without_skips(tmp_path):
     """Train shards go through the pipeline untouched, and captions use only the templates' words."""
 
-    from lavis_lite.tokenizer import build_tokenizer
+    from lavis_lite.models.tokenizer import build_tokenizer
 
     templates = [*synthetic.SINGLE_TEMPLATES, *(t for ts in synthetic.PAIR_TEMPLATES.values() for t in ts)]
     words = {w for t in templates for w in t.split() if "{" not in w}

@@ -11,7 +11,7 @@ from torch import nn
 
 from lavis_lite.config import VisionConfig
 from lavis_lite.precision import resolve_dtype
-from lavis_lite.vision import CLIP_MEAN, FrozenVisionEncoder, build_vision_encoder, vision_width
+from lavis_lite.models.vision import CLIP_MEAN, FrozenVisionEncoder, build_vision_encoder, vision_width
 
 # fp32 where the tests compare against a reference (`auto` would be bf16 on CPUs that run it natively)
 TINY_VIT = dict(kind="vit", width=64, depth=2, heads=4, mlp_dim=128, patch_size=8, image_size=32, precision="fp32")
@@ -149,7 +149,7 @@ def test_timm_cnn_extra_levels_shapes_and_values() -> None:
 
 
 def test_timm_cnn_extra_levels_frozen_traced_and_cacheable(tmp_path: Path) -> None:
-    from lavis_lite.feature_cache import build_feature_cache, cache_fingerprint, trace_encoder
+    from lavis_lite.data.feature_cache import build_feature_cache, cache_fingerprint, trace_encoder
 
     cfg = VisionConfig(**TIMM_CNN, extra_levels=[2, 3], extra_levels_pool="max")
     encoder = build_vision_encoder(cfg)

@@ -15,8 +15,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from .config import DataConfig
-from .samples import (
+from lavis_lite.data.config import DataConfig
+from lavis_lite.data.samples import (
     EMPTY_CAPTION,
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -30,8 +30,8 @@ from .samples import (
     make_sample,
     split_by_node_and_worker,
 )
-from ..errors import UserError
-from .transforms import PairTransform, clean_caption
+from lavis_lite.errors import UserError
+from lavis_lite.data.transforms import PairTransform, clean_caption
 
 PathLike = Union[str, Path]
 

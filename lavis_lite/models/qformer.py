@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import QFormerConfig
-from .errors import MissingFileError
+from lavis_lite.config import QFormerConfig
+from lavis_lite.errors import MissingFileError
 
 KeyValue = tuple[Tensor, Tensor]
 

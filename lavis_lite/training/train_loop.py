@@ -23,7 +23,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from lavis_lite.checkpoint import (
     latest_checkpoint,
     load_training_state,
     load_trainable_state_dict,
@@ -32,10 +32,10 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .io import atomic_write_text
-from .plots import plot_loss_curve
-from .precision import resolve_autocast
-from .train_config import OptimConfig, TrainConfig
+from lavis_lite.io import atomic_write_text
+from lavis_lite.training.plots import plot_loss_curve
+from lavis_lite.precision import resolve_autocast
+from lavis_lite.training.train_config import OptimConfig, TrainConfig
 
 log = logging.getLogger("lavis_lite.train")
 

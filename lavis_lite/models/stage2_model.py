@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .config import Stage2ModelConfig
-from .llm import padded_prompt_ids
-from .losses import lm_loss
-from .qformer import QFormer
-from .vision import build_vision_encoder
+from lavis_lite.config import Stage2ModelConfig
+from lavis_lite.models.llm import padded_prompt_ids
+from lavis_lite.models.losses import lm_loss
+from lavis_lite.models.qformer import QFormer
+from lavis_lite.models.vision import build_vision_encoder
 
 
 
@@ -83,7 +83,7 @@ class Blip2Stage2(nn.Module):
         images: Optional[Tensor] = None,
         vision_tokens: Optional[Tensor] = None,
     ) -> Stage2Output:
-        """LM loss of a batch laid out by `lavis_lite.llm.lm_inputs` (IGNORE-labelled positions carry none).
+        """LM loss of a batch laid out by `lavis_lite.models.llm.lm_inputs` (IGNORE-labelled positions carry none).
 
         Give `images` (pixels) or `vision_tokens` (frozen encoder tokens, e.g. from a feature cache).
         """

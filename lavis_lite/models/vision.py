@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError, VisionConfig
-from .precision import DTYPES, resolve_dtype
-from .errors import MissingFileError
+from lavis_lite.config import ConfigError, VisionConfig
+from lavis_lite.precision import DTYPES, resolve_dtype
+from lavis_lite.errors import MissingFileError
 
 # open_clip's OPENAI_DATASET_MEAN/STD (BLIP-2's image processor) and timm's ImageNet defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

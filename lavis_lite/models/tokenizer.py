@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .errors import MissingFileError
+from lavis_lite.errors import MissingFileError
 
 
 def build_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .distributed import gather_no_grad, gather_padded, gather_with_grad, world
-from .losses import itc_loss, itg_loss, itm_loss, sample_negatives
-from .masks import build_attention_mask
-from .qformer import QFormer
-from .vision import build_vision_encoder
+from lavis_lite.config import ModelConfig
+from lavis_lite.distributed import gather_no_grad, gather_padded, gather_with_grad, world
+from lavis_lite.models.losses import itc_loss, itg_loss, itm_loss, sample_negatives
+from lavis_lite.models.masks import build_attention_mask
+from lavis_lite.models.qformer import QFormer
+from lavis_lite.models.vision import build_vision_encoder
 
 KNOWN_LOSSES = ("itc", "itm", "itg")
 
@@ -30,7 +30,7 @@ class Stage1Output:
 class Blip2Stage1(nn.Module):
     """BLIP-2's first stage (LAVIS `Blip2Qformer`): representation learning against a frozen image encoder.
 
-    Token ids follow the Q-Former tokenizer (`lavis_lite.tokenizer`): `[CLS]` first,
+    Token ids follow the Q-Former tokenizer (`lavis_lite.models.tokenizer`): `[CLS]` first,
     `bos_token_id` is `[DEC]`, which replaces `[CLS]` for the ITG pass.
     """
 

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .distributed import reduce_max, world
+from lavis_lite.distributed import reduce_max, world
 
 PairScorer = Callable[[Tensor, Tensor], Tensor]  # (image indices, text indices) -> ITM match logits
 

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import VisionConfig, to_dict
-from .config import ConfigError
-from .io import atomic_write_text, recover_dir, replace_dir, staging_dir
-from .vision import FrozenVisionEncoder
+from lavis_lite.config import VisionConfig, to_dict
+from lavis_lite.config import ConfigError
+from lavis_lite.io import atomic_write_text, recover_dir, replace_dir, staging_dir
+from lavis_lite.models.vision import FrozenVisionEncoder
 
 MANIFEST = "manifest.json"
 

@@ -10,13 +10,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from .checkpoint import CONFIG, load_trainable_state_dict, load_weights, resolve_checkpoint
-from .config import ConfigError, ModelConfig, Stage2ModelConfig, load_model_config, merge_config, named_config, to_dict
-from .llm import load_language_model
-from .qformer import load_bert_weights
-from .stage1_model import Blip2Stage1
-from .stage2_model import Blip2Stage2
-from .tokenizer import build_tokenizer
+from lavis_lite.checkpoint import CONFIG, load_trainable_state_dict, load_weights, resolve_checkpoint
+from lavis_lite.config import ConfigError, ModelConfig, Stage2ModelConfig, load_model_config, merge_config, named_config, to_dict
+from lavis_lite.models.llm import load_language_model
+from lavis_lite.models.qformer import load_bert_weights
+from lavis_lite.models.stage1_model import Blip2Stage1
+from lavis_lite.models.stage2_model import Blip2Stage2
+from lavis_lite.models.tokenizer import build_tokenizer
 
 
 def resolve_model_config(model: str | Path | ModelConfig, overrides: Sequence[str] = ()) -> ModelConfig:
