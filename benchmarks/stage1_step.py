@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from lavis_lite.stage1_model import Blip2Stage1
+from lavis_lite.models.stage1_model import Blip2Stage1
 from lavis_lite.precision import resolve_autocast
-from lavis_lite.train_loop import param_groups
+from lavis_lite.training.train_loop import param_groups
 from stage1.config import load_stage1_config
 
 
@@ -52,7 +52,7 @@ def main() -> None:
 
     def forward():
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return model(ids, mask, image_embeds=image_embeds)
+            return model(ids, mask, vision_tokens=image_embeds)
 
     def forward_backward():
         forward().loss.backward()

@@ -1,8 +1,8 @@
 """Stage-2 training step and batched caption generation on this device: ours (`Blip2Stage2`) against
-transformers' `Blip2ForConditionalGeneration` holding the same weights (`lavis_lite.convert_hf`), same run.
+transformers' `Blip2ForConditionalGeneration` holding the same weights (`lavis_lite.interop.convert_hf`), same run.
 
     .venv/bin/python benchmarks/stage2_step.py [--llm smollm2] [--qformer minilm] [--batch 16] [--dtype fp32]
-        [--image-embeds] [key=value ...]        # key=value: overrides of our stage-2 model config
+        [--vision-tokens] [key=value ...]        # key=value: overrides of our stage-2 model config
 
 Everything is built here with random weights, nothing is downloaded: the LLM from the shapes of `--llm`
 (saved to a temporary directory and loaded by `create_stage2_model`, as training loads it), our small
@@ -15,7 +15,7 @@ exactly `--text-len` LLM tokens, so both models see the same batch of the same l
     `--repeats` steps after `--warmup`, ours and HF's interleaved; peak memory from one more step each: the
     model's weights and optimizer state plus the step's peak above them (CUDA: max_memory_allocated; CPU:
     the process's peak RSS, reset through /proc/self/clear_refs, else sampled with psutil, else omitted).
-    `--image-embeds`: both start from the same precomputed encoder tokens (as training from the feature
+    `--vision-tokens`: both start from the same precomputed encoder tokens (as training from the feature
     cache does). HF's forward takes no encoder tokens, so its vision tower is swapped for one that passes
     them through its post_layernorm (= our ln_vision): the rest of HF's forward runs as it is.
 (b) Generation: captions/s of `generate` (greedy and beam search), from pixels in both (HF's `generate`
@@ -47,13 +47,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny_llm.py: the word-level tokenizer
 
 from lavis_lite.config import Stage2ModelConfig, merge_config  # noqa: E402
-from lavis_lite.convert_hf import (  # noqa: E402
+from lavis_lite.interop.convert_hf import (  # noqa: E402
     HF_TEXT_FFN, hf_conditional_generation_config, to_hf_conditional_generation,
 )
-from lavis_lite.factory import create_stage2_model  # noqa: E402
-from lavis_lite.llm import IGNORE, lm_inputs, padded_prompt_ids  # noqa: E402
-from lavis_lite.qformer import resolve_attn_impl  # noqa: E402
-from lavis_lite.train_loop import param_groups  # noqa: E402
+from lavis_lite.models.factory import create_stage2_model  # noqa: E402
+from lavis_lite.models.llm import IGNORE, lm_inputs, padded_prompt_ids  # noqa: E402
+from lavis_lite.models.qformer import resolve_attn_impl  # noqa: E402
+from lavis_lite.training.train_loop import param_groups  # noqa: E402
 from tests.tiny_llm import BOS, EOS, PAD, WORDS, tiny_llm, word_tokenizer  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "stage2" / "demo.yaml"
@@ -259,7 +259,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], warmup: int, repea
 
 # ---- the two models ----------------------------------------------------------------------------------------
 class _GivenTokens(nn.Module):
-    """Stands in for HF's vision tower in --image-embeds mode: the given encoder tokens through its post_layernorm."""
+    """Stands in for HF's vision tower in --vision-tokens mode: the given encoder tokens through its post_layernorm."""
 
     def __init__(self, post_layernorm: nn.Module) -> None:
         super().__init__()
@@ -365,7 +365,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 5], help="num_beams of the generate runs")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                         help="LLM and ViT weights and autocast of both models (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--image-embeds", action="store_true",
+    parser.add_argument("--vision-tokens", action="store_true",
                         help="train from precomputed encoder tokens (as from the feature cache), not pixels")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -443,20 +443,20 @@ def main() -> None:
     # HF slice its logits, which its fp32 loss cannot `view`); the same loss. Encoder-decoder: the targets.
     hf_labels = text["labels"] if encoder_decoder else torch.cat(
         [torch.full((batch, num_queries), IGNORE, device=device), text["labels"]], 1)
-    image_embeds = ours.encode_image(images) if args.image_embeds else None
+    vision_tokens = ours.encode_vision(images) if args.vision_tokens else None
     hf_vision = hf.vision_model
-    hf_train_vision = _GivenTokens(hf_vision.post_layernorm) if args.image_embeds else hf_vision
+    hf_train_vision = _GivenTokens(hf_vision.post_layernorm) if args.vision_tokens else hf_vision
 
     def ours_loss() -> Tensor:
         with autocast:
             return ours(text["input_ids"], text["attention_mask"], text["labels"],
-                        images=None if args.image_embeds else images, image_embeds=image_embeds).loss
+                        images=None if args.vision_tokens else images, vision_tokens=vision_tokens).loss
 
     def hf_loss() -> Tensor:
         hf.vision_model = hf_train_vision
         try:
             with autocast:
-                return hf(pixel_values=image_embeds if args.image_embeds else images, input_ids=hf_ids,
+                return hf(pixel_values=vision_tokens if args.vision_tokens else images, input_ids=hf_ids,
                           attention_mask=hf_mask, labels=hf_labels).loss
         finally:
             hf.vision_model = hf_vision
@@ -559,7 +559,7 @@ def main() -> None:
           f"{tokens} tokens x {v.width} at {v.image_size} px. Trainable: ours {trainable[0] / 1e6:.2f}M, "
           f"HF {trainable[1] / 1e6:.2f}M parameters")
     print(f"- training: batch {batch}, {args.text_len} text tokens + {num_queries} soft prompts per row, from "
-          f"{'precomputed encoder tokens' if args.image_embeds else 'pixels'}, AdamW; generation: {gen_batch} "
+          f"{'precomputed encoder tokens' if args.vision_tokens else 'pixels'}, AdamW; generation: {gen_batch} "
           f"images per call, prompt {args.prompt!r}, exactly {args.max_new_tokens} new tokens, from pixels")
     print(f"- median of {args.repeats} after {args.warmup} warm-up, ours and HF taking turns (ABBA)")
     print()

@@ -7,21 +7,23 @@ from importlib import import_module
 from typing import Any
 
 _PUBLIC = {
-    "Blip2FeatureExtractor": ".features",
-    "Blip2Stage1": ".stage1_model",
-    "BlipOutputFeatures": ".features",
+    "Blip2FeatureExtractor": ".inference.features",
+    "Blip2Stage1": ".models.stage1_model",
+    "BlipOutputFeatures": ".inference.features",
     "ConfigError": ".config",
     "ModelConfig": ".config",
-    "QFormer": ".qformer",
+    "UserError": ".errors",
+    "list_models": ".config",
+    "QFormer": ".models.qformer",
     "QFormerConfig": ".config",
-    "Stage1Output": ".stage1_model",
+    "Stage1Output": ".models.stage1_model",
     "VisionConfig": ".config",
-    "build_attention_mask": ".masks",
-    "create_model": ".factory",
-    "create_tokenizer": ".factory",
-    "load_model_and_preprocess": ".features",
+    "build_attention_mask": ".models.masks",
+    "create_model": ".models.factory",
+    "create_tokenizer": ".models.factory",
+    "load_model_and_preprocess": ".inference.features",
     "load_model_config": ".config",
-    "load_stage1_checkpoint": ".factory",
+    "load_stage1_checkpoint": ".models.factory",
     "merge_config": ".config",
 }
 __all__ = sorted(_PUBLIC)

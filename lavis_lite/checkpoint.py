@@ -19,7 +19,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .io import atomic_write_text, replace_dir, staging_dir
+from lavis_lite.config import ConfigError
+from lavis_lite.errors import MissingFileError
+from lavis_lite.io import atomic_write_text, replace_dir, staging_dir
 
 WEIGHTS = "model.safetensors"
 STATE = "training_state.pt"
@@ -36,7 +38,7 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(dict(model.named_parameters())))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigError(f"{source} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(state, strict=False)
 
 
@@ -98,7 +100,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(run_dir)
         if found is not None:
             return found
-    raise FileNotFoundError(f"no checkpoint at {path}: give a run directory or a checkpoints/step-N directory")
+    raise MissingFileError(f"no checkpoint at {path}: give a run directory or a checkpoints/step-N directory")
 
 
 def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +12,12 @@ from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from lavis_lite.errors import UserError
+
 
 @dataclass
 class VisionConfig:
-    """The frozen image encoder: `kind` picks the adapter (see `lavis_lite.vision`)."""
+    """The frozen image encoder: `kind` picks the adapter (see `lavis_lite.models.vision`)."""
 
     kind: str = "open_clip"  # open_clip | timm | vit
     name: str = "EVA01-g-14"  # open_clip / timm model name
@@ -106,11 +109,16 @@ class Stage2ModelConfig:
     max_text_len: int = 32  # LLM tokens of prompt + caption
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem, phrased so that the user can fix it."""
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def config_dir() -> Path:
+    """The packaged configs: the repository's `configs/`, installed as `lavis_lite.configs`."""
+    try:
+        return Path(str(importlib.resources.files("lavis_lite.configs")))
+    except ModuleNotFoundError:  # a source tree on PYTHONPATH, not installed
+        return Path(__file__).resolve().parent.parent / "configs"
 
 
 def _valid_keys(schema: Any, prefix: str = "") -> dict[str, Any]:
@@ -198,16 +206,32 @@ def _checked(apply: Callable[[], Any], source: str) -> Any:
         raise ConfigError(f"bad value for config key '{key}' in {source}: {err.args[0].splitlines()[0]}") from None
 
 
+def list_models() -> list[str]:
+    """The names of the packaged model configs, for `create_model(name)`."""
+    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+
+
 def named_config(name_or_path: str | Path) -> Path:
-    """A YAML path as given, or the file of a name under `configs/model/` (e.g. `blip2-stage1-vitg`)."""
+    """A YAML path as given, or the packaged model config of that name (see `list_models()`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    named = CONFIG_DIR / "model" / f"{name_or_path}.yaml"
+    named = config_dir() / "model" / f"{name_or_path}.yaml"
     if not named.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-        raise ConfigError(f"no model config '{name_or_path}': give a YAML path or one of {known}")
+        raise ConfigError(f"no model config '{name_or_path}': give a YAML path or one of {list_models()}")
     return named
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe YAML as given, or a packaged recipe by name (`stage1/demo`, `stage2/paper-opt2.7b`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = config_dir() / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    known = sorted(str(p.relative_to(config_dir()).with_suffix("")) for p in config_dir().glob("*/*.yaml"))
+    raise ConfigError(f"no recipe '{name_or_path}': give a YAML path or one of {known}")
 
 
 def load_model_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:
@@ -230,5 +254,8 @@ __all__ = [
     "merge_config",
     "load_model_config",
     "named_config",
+    "list_models",
+    "recipe_path",
+    "config_dir",
     "to_dict",
 ]

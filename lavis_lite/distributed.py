@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -63,3 +65,23 @@ def gather_padded(x: Tensor, pad_value: int) -> Tensor:
     dist.all_gather(lengths, torch.tensor([x.shape[1]], device=x.device))
     longest = int(max(t.item() for t in lengths))
     return _all_gather_cat(F.pad(x, (0, longest - x.shape[1]), value=pad_value))
+
+
+def gather_objects(obj: Any) -> list:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` without a process group."""
+    size = world()[1]
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def reduce_max(x: Tensor) -> Tensor:
+    """The element-wise maximum of `x` over ranks, on `x`'s device (NCCL reduces on the GPU)."""
+    if world()[1] == 1:
+        return x
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else x.device
+    out = x.to(device).contiguous()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.to(x.device)

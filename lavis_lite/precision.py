@@ -4,10 +4,9 @@ and for frozen weights.
 Devices (`device`, `--device`): auto (CUDA where there is one, else the CPU) | cpu | cuda.
 
 Training (`train.precision`, autocast): auto | fp32 (also written `no`, accelerate's name) | bf16 | fp16.
-Frozen weights (`llm.precision`): auto | fp32 | bf16 | fp16. For both, `auto` means bf16 where the device runs
-it natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU.
-(The frozen image encoder's `vision.precision=auto` and feature extraction still resolve on their own:
-fp32 on every CPU.)
+Frozen weights (`llm.precision`, `vision.precision`, feature extraction's dtype): auto | fp32 | bf16 | fp16.
+Everywhere `auto` means bf16 where the device runs it natively (CUDA GPUs that support it, CPUs with
+AVX512-BF16 or AMX), else fp16 on CUDA and fp32 on CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import time
 
 import torch
 
-from .config import ConfigError
+from lavis_lite.config import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # train.precision -> accelerate's mixed_precision

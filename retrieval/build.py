@@ -30,14 +30,15 @@ from tqdm.auto import tqdm
 
 from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
-from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
-from lavis_lite.precision import resolve_device
+from lavis_lite.errors import UserError
+from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.precision import resolve_device, resolve_dtype
 
 from .config import TARGETS, BuildConfig, load_build_config
 from .corpus import Corpus, CorpusEntry, ImageProcessor, batched
 from .index import IndexWriter
 
-DEFAULT_CONFIG = "configs/retrieval/demo.yaml"
+DEFAULT_CONFIG = "retrieval/demo"
 log = logging.getLogger("lavis_lite.retrieval")
 
 
@@ -98,7 +99,8 @@ def run(cfg: BuildConfig) -> Path:
     device = resolve_device(cfg.device)
     text = cfg.target == "text"
     corpus = Corpus(cfg.corpus.path, cfg.corpus.kind, cfg.corpus.image_root, cfg.corpus.max_words, require_captions=text)
-    model, vis_processors, _ = load_model_and_preprocess(cfg.checkpoint, device=device)
+    dtype = resolve_dtype(cfg.precision, device, "precision")
+    model, vis_processors, _ = load_model_and_preprocess(cfg.checkpoint, device=device, dtype=dtype)
     writer = IndexWriter(
         cfg.output_dir,
         dim=model.embed_dim,
@@ -126,28 +128,28 @@ def run(cfg: BuildConfig) -> Path:
             progress.update(len(entries))
     if not done and not written:
         usable = "captions" if text else "images"
-        raise ValueError(f"corpus {cfg.corpus.path} has no usable {usable} ({skipped.summary()})")
+        raise UserError(f"corpus {cfg.corpus.path} has no usable {usable} ({skipped.summary()})")
     # Chunks written by an earlier, interrupted run were not decoded again: their image skips are not counted here.
     log.info("corpus %s: %s", cfg.corpus.path, skipped.summary())
     return writer.finalize()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lavis-lite index") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m retrieval.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="YAML", help=f"recipe (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="RECIPE", help=f"a YAML path or a packaged recipe name (default: {DEFAULT_CONFIG})")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. target=text")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "lavis-lite index") -> int:
     """Build the index; exit status 0, or 2 with `error: ...` on stderr for a bad config, corpus or checkpoint."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         path = run(load_build_config(args.config, args.overrides))
-    except (ValueError, OSError) as err:  # ConfigError, IndexLoadError and ImageError are ValueErrors
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"index written: {path}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from lavis_lite.config import merge_config
+from lavis_lite.config import merge_config, recipe_path
 
 
 @dataclass
@@ -32,6 +32,7 @@ class BuildConfig:
     chunk_size: int = 1024  # corpus images per index chunk (the unit of resume; bounds memory)
     num_workers: int = 4  # threads decoding and resizing images
     device: str = "auto"  # auto (cuda where available) | cpu | cuda
+    precision: str = "auto"  # what the encoder and Q-Former compute in: auto | fp32 | bf16 | fp16 (lavis_lite.precision)
     index_type: str = "auto"  # see retrieval.index.INDEX_TYPES
     index_options: dict[str, Any] = field(default_factory=dict)  # passed to the index (e.g. nlist, M)
 
@@ -40,5 +41,6 @@ TARGETS = ("image", "text")
 
 
 def load_build_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> BuildConfig:
-    """A BuildConfig from a YAML file (or none: the defaults) and `key=value` overrides; unknown keys raise."""
-    return merge_config(BuildConfig, [path] if path else [], overrides)
+    """A BuildConfig from a recipe (a YAML path or a packaged name such as `retrieval/demo`; none: the defaults)
+    and `key=value` overrides; unknown keys raise."""
+    return merge_config(BuildConfig, [recipe_path(path)] if path else [], overrides)

@@ -38,7 +38,8 @@ from lavis_lite.data.samples import (
 )
 from lavis_lite.data.transforms import clean_caption
 from lavis_lite.data.webdataset_pipeline import IMAGE_EXTENSIONS, list_shards, sample_caption
-from lavis_lite.preprocess import ImageError, open_image
+from lavis_lite.errors import UserError
+from lavis_lite.inference.preprocess import ImageError, open_image
 
 CORPUS_KINDS = ("auto", "shards", "folder", "karpathy", "table")
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -109,7 +110,7 @@ def detect_kind(path: str) -> str:
             return kinds[p.suffix.lower()]
     elif "{" in path:
         return "shards"
-    raise ValueError(
+    raise UserError(
         f"corpus not found or not understood: {path} (give a directory of .tar shards, an image folder, "
         "or a .json / .jsonl / .csv annotation file)"
     )
@@ -128,7 +129,7 @@ class Corpus:
         require_captions: bool = False,
     ) -> None:
         if kind not in CORPUS_KINDS:
-            raise ValueError(f"unknown corpus kind {kind!r}: choose from {list(CORPUS_KINDS)}")
+            raise UserError(f"unknown corpus kind {kind!r}: choose from {list(CORPUS_KINDS)}")
         self.path = str(path)
         self.kind = detect_kind(self.path) if kind == "auto" else kind
         self.image_root = image_root
@@ -231,7 +232,7 @@ class Corpus:
     def _shard_entries(self, skipped: SkipCounter) -> Iterator[tuple[str, Locator, list[Optional[str]]]]:
         for shard in list_shards(self.path):
             if not os.path.isfile(shard):
-                raise ValueError(f"shard {shard} is not a local file: indexes re-open images from local shards")
+                raise UserError(f"shard {shard} is not a local file: indexes re-open images from local shards")
             shard = os.path.abspath(shard)
             try:
                 for key, image, texts in _shard_samples(shard):

@@ -26,11 +26,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lavis_lite.data import SkipCounter
-from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.errors import UserError
+from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.io import atomic_write_text
-from lavis_lite.precision import resolve_device
-from lavis_lite.retrieval_metrics import evaluate_similarity
-from lavis_lite.stage1_model import Blip2Stage1
+from lavis_lite.precision import resolve_device, resolve_dtype
+from lavis_lite.evaluation.retrieval_metrics import evaluate_similarity
+from lavis_lite.models.stage1_model import Blip2Stage1
 
 from .corpus import Corpus, ImageProcessor, batched
 from .search import int_at_least
@@ -40,9 +41,9 @@ DEFAULT_OUT = "runs/retrieval-eval/metrics.json"
 SIMILARITY_BLOCK = 64  # images per block of the similarity matrix ([block, texts, queries] floats at a time)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lavis-lite evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m retrieval.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--checkpoint", required=True, metavar="DIR", help="stage-1 run or checkpoint directory")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=int_at_least(1), default=64, metavar="N", help="images / captions per forward pass")
     add("--num-workers", type=int_at_least(1), default=4, metavar="N", help="image decoding threads (default: 4)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="what the model computes in (default: auto, bf16 where the device runs it natively)")
     return parser
 
 
@@ -80,14 +83,16 @@ def embed_corpus(
                 texts += entry.captions
             progress.update(len(entries))
     if not vectors:
-        raise ValueError(f"corpus {args.corpus} has no usable image with a caption ({skipped.summary()})")
+        raise UserError(f"corpus {args.corpus} has no usable image with a caption ({skipped.summary()})")
     return torch.cat(vectors), (torch.cat(embeds) if embeds else torch.empty(0)), texts, img2txt, txt2img
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation report: metrics (fractions), counts, skips and what was evaluated."""
     corpus = Corpus(args.corpus, image_root=args.image_root, require_captions=True)
-    model, vis_processors, _ = load_model_and_preprocess(args.checkpoint, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.precision, device, "--precision")
+    model, vis_processors, _ = load_model_and_preprocess(args.checkpoint, device=device, dtype=dtype)
     skipped = SkipCounter()
     image_vectors, image_embeds, texts, img2txt, txt2img = embed_corpus(model, vis_processors["eval"], corpus, args, skipped)
     text_vectors = torch.cat([model.text_vectors(batch).cpu() for batch in batched(texts, args.batch_size)])
@@ -128,13 +133,13 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "lavis-lite evaluate") -> int:
     """Evaluate; exit status 0, or 2 with `error: ...` on stderr for a bad checkpoint or corpus."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = evaluate(args)
-    except (OSError, ValueError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -49,6 +49,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from lavis_lite.errors import UserError
 from lavis_lite.io import atomic_write, recover_dir, replace_dir
 
 from .metadata import ITEMS_FILE, OFFSETS_FILE, MetadataStore, MetadataWriter
@@ -103,7 +104,7 @@ INDEX_OPTIONS = {  # index_options keys; resolve_index_options fills in the defa
 }
 
 
-class IndexLoadError(ValueError):
+class IndexLoadError(UserError):
     """A retrieval index (or an interrupted build) on disk is missing, incomplete or inconsistent."""
 
 
@@ -130,13 +131,13 @@ def resolve_index_options(index_type: str, num_indexed: int, dim: int, options: 
     options = dict(options or {})
     unknown = set(options) - set(INDEX_OPTIONS)
     if unknown:
-        raise ValueError(f"unknown index_options {sorted(unknown)}; known: {sorted(INDEX_OPTIONS)}")
+        raise UserError(f"unknown index_options {sorted(unknown)}; known: {sorted(INDEX_OPTIONS)}")
     first_stage = options.setdefault("first_stage", "all")
     if first_stage not in ("all", "mean"):
-        raise ValueError(f"index_options first_stage must be 'all' or 'mean', not {first_stage!r}")
+        raise UserError(f"index_options first_stage must be 'all' or 'mean', not {first_stage!r}")
     rescore = options.setdefault("rescore", DEFAULT_MEAN_RESCORE if first_stage == "mean" else 0)
     if first_stage == "mean" and rescore <= 0:
-        raise ValueError("first_stage 'mean' ranks by a proxy score: it needs rescore > 0 candidates")
+        raise UserError("first_stage 'mean' ranks by a proxy score: it needs rescore > 0 candidates")
     options.setdefault("seed", 0)
     options.setdefault("max_fetch", DEFAULT_MAX_FETCH)
     if index_type in ("ivf", "ivfpq"):
@@ -148,7 +149,7 @@ def resolve_index_options(index_type: str, num_indexed: int, dim: int, options: 
     if index_type == "ivfpq":
         pq_bytes = options.setdefault("pq_bytes", 32)
         if dim % pq_bytes:
-            raise ValueError(f"index_options pq_bytes={pq_bytes} must divide dim={dim}")
+            raise UserError(f"index_options pq_bytes={pq_bytes} must divide dim={dim}")
         options.setdefault("pq_bits", 8)
     if index_type == "hnsw":
         options.setdefault("hnsw_m", 32)
@@ -242,19 +243,19 @@ def build_index(
     :meth:`IndexWriter.finalize` calls this on its chunk files; the benchmark on regenerated chunks."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).exists():
-        raise ValueError(f"{out_dir} exists and is not a retrieval index: refusing to replace it; pick another path")
+        raise UserError(f"{out_dir} exists and is not a retrieval index: refusing to replace it; pick another path")
     default_work_dir = out_dir.with_name(out_dir.name + ".partial") / "build"
     work_dir = Path(work_dir) if work_dir else default_work_dir
     sizes = [int(size) for size in source.sizes]
     count = sum(sizes)
     if count == 0:
-        raise ValueError(f"no items to index for {out_dir}")
+        raise UserError(f"no items to index for {out_dir}")
     first_stage = (index_options or {}).get("first_stage", "all")
     num_indexed = count if first_stage == "mean" else count * vectors_per_item
     if index_type == "auto":
         index_type = choose_index_type(count, vectors_per_item)
     if index_type not in INDEX_TYPES:
-        raise ValueError(f"index_type {index_type!r}: expected 'auto' or one of {INDEX_TYPES}")
+        raise UserError(f"index_type {index_type!r}: expected 'auto' or one of {INDEX_TYPES}")
     options = resolve_index_options(index_type, num_indexed, dim, index_options)
     factory = _factory_string(index_type, options)
     logger.info("building %s index (%s) of %d items, %d faiss vectors, in %s", index_type, factory, count, num_indexed, work_dir)
@@ -350,7 +351,7 @@ class IndexWriter:
         if dim <= 0 or vectors_per_item <= 0:
             raise ValueError(f"dim ({dim}) and vectors_per_item ({vectors_per_item}) must be positive")
         if index_type != "auto" and index_type not in INDEX_TYPES:
-            raise ValueError(f"index_type {index_type!r}: expected 'auto' or one of {INDEX_TYPES}")
+            raise UserError(f"index_type {index_type!r}: expected 'auto' or one of {INDEX_TYPES}")
         resolve_index_options(index_type if index_type != "auto" else "flat", 1, dim, index_options)  # key check
         manifest = json.loads(json.dumps(manifest or {}))  # JSON types (tuples -> lists), or a TypeError now
         reserved = sorted(set(manifest) & (set(MANIFEST_FIELDS) | {"faiss_factory"}))

@@ -24,10 +24,11 @@ from typing import Any, Callable, Optional
 import torch
 from PIL import Image
 
-from lavis_lite.features import Blip2FeatureExtractor, load_model_and_preprocess
-from lavis_lite.gallery import GalleryItem, GallerySection, thumbnail, write_sections
-from lavis_lite.precision import resolve_device
-from lavis_lite.preprocess import ImageError, open_image
+from lavis_lite.errors import UserError
+from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.inference.gallery import GalleryItem, GallerySection, thumbnail, write_sections
+from lavis_lite.precision import resolve_device, resolve_dtype
+from lavis_lite.inference.preprocess import ImageError, open_image
 
 from .corpus import ImageProcessor, batched, describe_locator, open_item_image
 from .index import Hit, IndexLoadError, RetrievalIndex
@@ -50,9 +51,9 @@ def int_at_least(minimum: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lavis-lite search") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m retrieval.search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--index", required=True, metavar="DIR", help="index directory (the output_dir of retrieval.build)")
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", action="store_true", help="print JSON instead of a table")
     add("--html", metavar="FILE", help="also write an HTML gallery of the hits")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        help="what the model computes in (default: auto, bf16 where the device runs it natively)")
     add("--nprobe", type=int_at_least(1), metavar="N", help="IVF lists searched (default: the index's)")
     add("--ef-search", type=int_at_least(1), metavar="N", help="HNSW beam width (default: the index's)")
     return parser
@@ -82,30 +85,30 @@ class QueryResult:
 def open_index(path: str) -> RetrievalIndex:
     """The index at `path`; ValueError saying what is wrong and what to give instead."""
     if not Path(path).exists():
-        raise ValueError(f"index not found: {path} (build one: python -m retrieval.build output_dir={path}, or make index)")
+        raise UserError(f"index not found: {path} (build one: python -m retrieval.build output_dir={path}, or make index)")
     try:
         index = RetrievalIndex.load(path)
     except IndexLoadError as err:
-        raise ValueError(f"--index {path} is not a usable retrieval index: {err}") from None
+        raise UserError(f"--index {path} is not a usable retrieval index: {err}") from None
     missing = [key for key in BUILD_FIELDS if key not in index.manifest]
     if missing:
-        raise ValueError(f"--index {path} was not built by python -m retrieval.build (its manifest lacks {missing}): rebuild it")
+        raise UserError(f"--index {path} was not built by python -m retrieval.build (its manifest lacks {missing}): rebuild it")
     return index
 
 
 def check_queries(args: argparse.Namespace, target: str) -> list[Image.Image]:
     """Queries that fit the index; returns the opened query images. ValueError (ImageError) naming the problem."""
     if not args.queries and not args.image:
-        raise ValueError("no query given: give text queries, or --image PATH for a text index")
+        raise UserError("no query given: give text queries, or --image PATH for a text index")
     if any(not q.strip() for q in args.queries):
-        raise ValueError('empty query: every text query needs at least one word, e.g. "a red circle"')
+        raise UserError('empty query: every text query needs at least one word, e.g. "a red circle"')
     if args.queries and target != "image":
-        raise ValueError(
+        raise UserError(
             f"text queries search an image index, but {args.index} indexes texts (target={target}): "
             "give --image PATH, or search an index built with target=image"
         )
     if args.image and target != "text":
-        raise ValueError(
+        raise UserError(
             f"--image searches a text index, but {args.index} indexes images (target={target}): "
             "give text queries, or build a text index with target=text"
         )
@@ -117,23 +120,24 @@ def load_model(args: argparse.Namespace, manifest: dict) -> tuple[Blip2FeatureEx
     checkpoint = args.checkpoint or manifest["source"]
     try:
         device = resolve_device(args.device)
-        model, vis_processors, txt_processors = load_model_and_preprocess(checkpoint, device=device)
-    except (OSError, ValueError) as err:
+        dtype = resolve_dtype(args.precision, device, "--precision")
+        model, vis_processors, txt_processors = load_model_and_preprocess(checkpoint, device=device, dtype=dtype)
+    except (OSError, UserError) as err:
         given = "--checkpoint" if args.checkpoint else "the index's checkpoint"
-        raise ValueError(f"cannot load {given} {checkpoint}: {err}") from None
+        raise UserError(f"cannot load {given} {checkpoint}: {err}") from None
     if model.embed_dim != manifest["dim"]:
-        raise ValueError(
+        raise UserError(
             f"dimension mismatch: {args.index} holds {manifest['dim']}-d vectors but {checkpoint} makes "
             f"{model.embed_dim}-d ones: search with the checkpoint the index was built with ({manifest['source']})"
         )
     if model.checkpoint_id != manifest["checkpoint_id"] and args.checkpoint:
-        raise ValueError(
+        raise UserError(
             f"checkpoint mismatch: {args.index} was built with checkpoint {manifest['checkpoint_id']} "
             f"({manifest['source']}) but {checkpoint} is {model.checkpoint_id}: omit --checkpoint to use the "
             "index's, or rebuild the index with python -m retrieval.build checkpoint=..."
         )
     if model.checkpoint_id != manifest["checkpoint_id"]:
-        raise ValueError(
+        raise UserError(
             f"checkpoint mismatch: {checkpoint} changed since {args.index} was built from it (checkpoint "
             f"{manifest['checkpoint_id']}, now {model.checkpoint_id}): rebuild the index with python -m retrieval.build"
         )
@@ -163,7 +167,7 @@ def search_texts(
     texts = [clean(q) for q in args.queries]
     empty = [q for q, t in zip(args.queries, texts) if not t]
     if empty:
-        raise ValueError(f"empty query: {empty[0]!r} has no words left after cleaning; give at least one word")
+        raise UserError(f"empty query: {empty[0]!r} has no words left after cleaning; give at least one word")
     vectors = model.text_vectors(texts).cpu().numpy()
     found = index.search(vectors, max(args.top_k, args.rerank), nprobe=args.nprobe, ef_search=args.ef_search)
     results = []
@@ -261,9 +265,9 @@ def to_json(results: list[QueryResult], args: argparse.Namespace, index: Retriev
     return json.dumps(document, indent=2, ensure_ascii=False)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "lavis-lite search") -> int:
     """Search; exit status 0, or 2 with a one-line `error: ...` on stderr for bad input."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         index = open_index(args.index)
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             results = search_texts(args, index, model, processor, clean)
         else:
             results = search_images(args, index, model, processor, images)
-    except ValueError as err:  # ImageError is one
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(to_json(results, args, index) if args.json else format_table(results, target), flush=True)

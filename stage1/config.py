@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lavis_lite.config import ModelConfig, merge_config
+from lavis_lite.config import ModelConfig, merge_config, recipe_path
 from lavis_lite.data import DataConfig
-from lavis_lite.train_config import TrainConfig
+from lavis_lite.training.train_config import TrainConfig
 
 
 @dataclass
@@ -28,4 +28,5 @@ class Stage1Config:
 
 
 def load_stage1_config(path: str | Path, overrides: Sequence[str] = ()) -> Stage1Config:
-    return merge_config(Stage1Config, [path], overrides)
+    """A Stage1Config from a recipe (a YAML path or a packaged name such as `stage1/demo`) and overrides."""
+    return merge_config(Stage1Config, [recipe_path(path)], overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lavis_lite.data import SkipCounter
 from lavis_lite.data.training_data import TrainingData
-from lavis_lite.stage1_model import Blip2Stage1
+from lavis_lite.models.stage1_model import Blip2Stage1
 
 from .config import Stage1Config
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from lavis_lite.data.training_data import HeldOut
-from lavis_lite.query_diversity import query_similarity
-from lavis_lite.retrieval_metrics import evaluate_similarity
-from lavis_lite.stage1_model import Blip2Stage1
+from lavis_lite.evaluation.query_diversity import query_similarity
+from lavis_lite.evaluation.retrieval_metrics import evaluate_similarity
+from lavis_lite.models.stage1_model import Blip2Stage1
 
 from .config import EvalConfig
 

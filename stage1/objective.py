@@ -10,7 +10,7 @@ def stage1_loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         images=batch.get("image"),
-        image_embeds=batch.get("image_embeds"),
+        vision_tokens=batch.get("vision_tokens"),
         sample_ids=batch["sample_id"],
     )
     losses = {"loss": out.loss}

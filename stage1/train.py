@@ -17,15 +17,16 @@ from accelerate import PartialState
 
 from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
-from lavis_lite.factory import create_model
-from lavis_lite.train_loop import train
+from lavis_lite.errors import UserError
+from lavis_lite.models.factory import create_model
+from lavis_lite.training.train_loop import train
 
 from .config import Stage1Config, load_stage1_config
 from .data import stage1_data
 from .evaluate import evaluate_retrieval
 from .objective import stage1_loss
 
-DEFAULT_CONFIG = "configs/stage1/demo.yaml"
+DEFAULT_CONFIG = "stage1/demo"
 log = logging.getLogger("lavis_lite.stage1")
 
 
@@ -56,19 +57,26 @@ def run(cfg: Stage1Config, resume: bool = False) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"stage-1 recipe (default: {DEFAULT_CONFIG})")
+def build_parser(prog: str = "lavis-lite train-stage1") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"stage-1 recipe: a YAML path or a packaged name such as stage1/paper-vitg (default: {DEFAULT_CONFIG})",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.batch_size=64")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "lavis-lite train-stage1") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_stage1_config(args.config, args.overrides)
-    except ConfigError as err:
+        metrics = run(load_stage1_config(args.config, args.overrides), resume=args.resume)
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    metrics = run(cfg, resume=args.resume)
     print(json.dumps(metrics, indent=2))
     print(recall_table(metrics))
     return 0

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lavis_lite.factory import load_stage2_checkpoint
+from lavis_lite.errors import UserError
+from lavis_lite.models.factory import load_stage2_checkpoint
 from lavis_lite.precision import resolve_device
-from lavis_lite.preprocess import ImageError, caption_images, open_image
-from lavis_lite.stage2_model import Blip2Stage2
+from lavis_lite.inference.preprocess import ImageError, caption_images, open_image
+from lavis_lite.models.stage2_model import Blip2Stage2
 
 
 def positive_int(text: str) -> int:
@@ -28,10 +29,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "lavis-lite caption") -> argparse.ArgumentParser:
     """The command line: --checkpoint DIR, the images and the generation settings."""
     parser = argparse.ArgumentParser(
-        prog="python -m stage2.caption", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="stage-2 run or checkpoint directory")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (any format PIL reads)")
@@ -58,16 +59,16 @@ def load(args: argparse.Namespace) -> Blip2Stage2:
     try:
         overrides = [f"llm.path={args.llm}"] if args.llm else []
         return load_stage2_checkpoint(args.checkpoint, overrides, device=device)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load --checkpoint {args.checkpoint}: {err}") from None
+    except (OSError, UserError) as err:  # the file system's answer about the user's path, or ours
+        raise UserError(f"cannot load --checkpoint {args.checkpoint}: {err}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "lavis-lite caption") -> int:
     """Caption the images; exit status 0, or 2 with `error: ...` on stderr for a bad checkpoint or image."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         model = load(args)
-    except ValueError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     settings = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from lavis_lite.config import Stage2ModelConfig, merge_config
+from lavis_lite.config import Stage2ModelConfig, merge_config, recipe_path
 from lavis_lite.data import DataConfig
-from lavis_lite.train_config import TrainConfig
+from lavis_lite.training.train_config import TrainConfig
 
 
 @dataclass
@@ -33,4 +33,5 @@ class Stage2Config:
 
 
 def load_stage2_config(path: str | Path, overrides: Sequence[str] = ()) -> Stage2Config:
-    return merge_config(Stage2Config, [path], overrides)
+    """A Stage2Config from a recipe (a YAML path or a packaged name such as `stage2/demo`) and overrides."""
+    return merge_config(Stage2Config, [recipe_path(path)], overrides)

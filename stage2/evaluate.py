@@ -8,10 +8,11 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from lavis_lite.data.synthetic import COLOURS, SHAPES
+from lavis_lite.demo.synthetic import COLOURS, SHAPES
 from lavis_lite.data.training_data import HeldOut, TextFields
-from lavis_lite.query_diversity import query_similarity
-from lavis_lite.stage2_model import Blip2Stage2
+from lavis_lite.distributed import gather_objects, world
+from lavis_lite.evaluation.query_diversity import query_similarity
+from lavis_lite.models.stage2_model import Blip2Stage2
 
 from .config import CaptionEvalConfig
 
@@ -40,31 +41,36 @@ def attribute_accuracy(generated: list[str], truths: list[str]) -> dict[str, flo
 
 @torch.no_grad()
 def evaluate_captions(model: Blip2Stage2, held: HeldOut, cfg: CaptionEvalConfig, text: TextFields) -> dict:
-    """Held-out captioning: the LM loss of the true captions (`caption_loss`), generated captions with
+    """Held-out captioning, the chunks of held-out images shared out over the ranks (every rank returns all of
+    it): the LM loss of the true captions (`caption_loss`), generated captions with
     examples, and with `cfg.synthetic_attributes` (the synthetic shapes) `caption_attr_acc` (+ colour/shape
     diagnostics) and the same for the LLM given no image (`caption_attr_acc_no_image`: the prompt alone,
     one caption for every image); `query_cosine` as in stage 1's evaluation (1.0: the queries collapsed)."""
     device = model.language_projection.weight.device
     limit = cfg.max_images or len(held.captions)
     truths = held.captions[:limit]
-    generated: list[str] = []
-    query_out: list[torch.Tensor] = []
-    loss_sum, loss_count = 0.0, 0
     settings = {"num_beams": cfg.num_beams, "max_new_tokens": cfg.max_new_tokens}
-    with tqdm(total=limit, desc="captioning held-out images", unit="img") as progress:
-        for tokens in held.tokens():
-            tokens = tokens[: limit - len(generated)].to(device)
-            batch = {k: v.to(device) for k, v in text(truths[len(generated) : len(generated) + len(tokens)]).items()}
-            loss_sum += model(image_embeds=tokens, **batch).loss.item() * len(tokens)
-            query_out.append(model.query_outputs(tokens).float().cpu())
-            loss_count += len(tokens)
-            generated += model.generate(image_embeds=tokens, **settings)
+    rank, size = world()
+    mine = []  # this rank's chunks (every size-th): (offset, captions, summed loss, query outputs)
+    offset = 0
+    with tqdm(total=limit, desc="captioning held-out images", unit="img", disable=rank != 0) as progress:
+        for index, tokens in enumerate(held.tokens()):
+            tokens = tokens[: limit - offset].to(device)
+            if index % size == rank:
+                batch = {k: v.to(device) for k, v in text(truths[offset : offset + len(tokens)]).items()}
+                loss = model(vision_tokens=tokens, **batch).loss.item() * len(tokens)
+                queries = model.query_outputs(tokens).float().cpu()
+                mine.append((offset, model.generate(vision_tokens=tokens, **settings), loss, queries))
+            offset += len(tokens)
             progress.update(len(tokens))
-            if len(generated) >= limit:
+            if offset >= limit:
                 break
-    within_image, across_images = query_similarity(torch.cat(query_out))
+    chunks = sorted((chunk for ranks in gather_objects(mine) for chunk in ranks), key=lambda chunk: chunk[0])
+    generated = [caption for chunk in chunks for caption in chunk[1]]
+    loss_sum = sum(chunk[2] for chunk in chunks)
+    within_image, across_images = query_similarity(torch.cat([chunk[3] for chunk in chunks]))
     metrics = {
-        "caption_loss": loss_sum / loss_count,
+        "caption_loss": loss_sum / len(generated),
         "query_cosine": within_image,
         "query_cosine_across_images": across_images,
         "caption_images": limit,

@@ -8,8 +8,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from lavis_lite.llm import lm_inputs, split_prefix
-from lavis_lite.stage2_model import Blip2Stage2
+from lavis_lite.models.llm import lm_inputs, split_prefix
+from lavis_lite.models.stage2_model import Blip2Stage2
 
 
 def stage2_loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:
@@ -18,7 +18,7 @@ def stage2_loss(model: nn.Module, batch: dict) -> dict[str, Tensor]:
         attention_mask=batch["attention_mask"],
         labels=batch["labels"],
         images=batch.get("image"),
-        image_embeds=batch.get("image_embeds"),
+        vision_tokens=batch.get("vision_tokens"),
     )
     return {"loss": out.loss}
 

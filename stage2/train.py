@@ -21,16 +21,17 @@ from lavis_lite.config import ConfigError, Stage2ModelConfig
 from lavis_lite.data import SkipCounter
 from lavis_lite.data.training_data import TrainingData
 from lavis_lite.data.webdataset_pipeline import read_images
-from lavis_lite.factory import create_stage2_model
-from lavis_lite.gallery import GalleryItem, write_gallery
+from lavis_lite.errors import UserError
+from lavis_lite.models.factory import create_stage2_model
+from lavis_lite.inference.gallery import GalleryItem, write_gallery
 from lavis_lite.precision import resolve_autocast
-from lavis_lite.train_loop import train
+from lavis_lite.training.train_loop import train
 
 from .config import Stage2Config, load_stage2_config
 from .evaluate import evaluate_captions
 from .objective import caption_text, stage2_loss
 
-DEFAULT_CONFIG = "configs/stage2/demo.yaml"
+DEFAULT_CONFIG = "stage2/demo"
 log = logging.getLogger("lavis_lite.stage2")
 
 
@@ -113,17 +114,25 @@ def caption_report(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"stage-2 recipe (default: {DEFAULT_CONFIG})")
+def build_parser(prog: str = "lavis-lite train-stage2") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"stage-2 recipe: a YAML path or a packaged name such as stage2/paper-opt2.7b (default: {DEFAULT_CONFIG})",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.batch_size=8")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "lavis-lite train-stage2") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_stage2_config(args.config, args.overrides)
         metrics = run(cfg, resume=args.resume)
-    except ConfigError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(metrics, indent=2))

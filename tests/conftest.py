@@ -3,13 +3,26 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import BertTokenizer
 
 from lavis_lite import create_model
 from lavis_lite.config import ModelConfig, load_model_config
 
 NO_DROPOUT = ["qformer.dropout=0", "qformer.attention_dropout=0"]
+BERT_SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def save_bert_tokenizer(directory: Path, words) -> Path:
+    """A BERT WordPiece tokenizer of BERT's special tokens and `words`, saved to `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join([*BERT_SPECIAL, *words]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(directory)  # positional: `vocab_file` in transformers 4, `vocab` in 5
+    return directory
 
 
 def tiny_config(*overrides: str) -> ModelConfig:

@@ -1,4 +1,4 @@
-"""The embedded default's pretrained parts from PyPI packages (lavis_lite.assets): CPU, offline."""
+"""The embedded default's pretrained parts from PyPI packages (lavis_lite.demo.assets): CPU, offline."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lavis_lite import assets
+from lavis_lite.demo import assets
 
 
 def require(dist: str) -> None:

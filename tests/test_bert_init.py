@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertConfig, BertModel
 
 from lavis_lite import create_model
-from lavis_lite.factory import create_stage2_model
-from conftest import redraw_, tiny_config
+from lavis_lite.models.factory import create_stage2_model
+from conftest import BERT_SPECIAL, redraw_, save_bert_tokenizer, tiny_config
 from tiny_llm import save_tiny_llm
 
 WORDS = ["a", "red", "blue", "circle", "square", "small", "big", "on", "the", "left", "right", "of"]
@@ -15,9 +15,8 @@ WORDS = ["a", "red", "blue", "circle", "square", "small", "big", "on", "the", "l
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab=str(path / "vocab.txt")).save_pretrained(path)
+    save_bert_tokenizer(path, WORDS)
+    vocab = [*BERT_SPECIAL, *WORDS]
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

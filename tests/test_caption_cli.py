@@ -1,4 +1,4 @@
-"""`python -m stage2.caption` and `lavis_lite.preprocess` on an untrained tiny stage-2 checkpoint.
+"""`python -m stage2.caption` and `lavis_lite.inference.preprocess` on an untrained tiny stage-2 checkpoint.
 
 The checkpoint's vision encoder is a tiny timm CNN loaded from a weights file, so that the CLI's process
 rebuilds exactly the encoder this process holds (a kind "vit" encoder would be drawn at random).
@@ -20,15 +20,15 @@ from tiny_llm import save_tiny_llm
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import VisionConfig
 from lavis_lite.data.transforms import PairTransform
-from lavis_lite.factory import create_stage2_model
-from lavis_lite.preprocess import ImageError, caption_images, image_processor, load_images
-from lavis_lite.vision import build_vision_encoder
+from lavis_lite.models.factory import create_stage2_model
+from lavis_lite.inference.preprocess import ImageError, caption_images, image_processor, load_images
+from lavis_lite.models.vision import build_vision_encoder
 from stage1.config import Stage1Config
 from stage2 import caption
 from stage2.config import Stage2Config
 
 ROOT = Path(__file__).resolve().parent.parent
-VISION = dict(kind="timm", name="test_efficientnet", image_size=32)
+VISION = dict(kind="timm", name="test_efficientnet", image_size=32, precision="fp32")
 SETTINGS = ["--num-beams", "2", "--max-new-tokens", "6"]
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BertTokenizer
 
 from lavis_lite.data import (
     AnnotationDataset,
@@ -32,7 +31,8 @@ from lavis_lite.data import (
     read_table,
     swap_left_right,
 )
-from lavis_lite.tokenizer import build_tokenizer
+from lavis_lite.models.tokenizer import build_tokenizer
+from conftest import save_bert_tokenizer
 
 WORDS = "a an the of on and to large small red green blue circle square dog cat photo left right".split()
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -43,10 +43,7 @@ BAD = {"corrupt_image": 1, "empty_caption": 1, "missing_caption": 1}
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(vocab)).save_pretrained(root / "saved")
-    return build_tokenizer(root / "saved")
+    return build_tokenizer(save_bert_tokenizer(root, WORDS))
 
 
 def jpeg(colour, size=(24, 20), fmt="JPEG") -> bytes:

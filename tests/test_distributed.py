@@ -2,7 +2,7 @@
 
 Runs in float64 so that the comparison is exact up to rounding (float32 differs by ~1e-3 relative on
 gradients that are sums of cancelling terms, such as the temperature's). The frozen encoder's tokens are
-given directly (`image_embeds`): the encoder is not part of what is distributed.
+given directly (`vision_tokens`): the encoder is not part of what is distributed.
 """
 
 import os
@@ -19,14 +19,14 @@ OVERRIDES = ("losses=[itc,itg]",)
 
 
 def make_batch():
-    image_embeds = torch.randn(2 * B, 17, 32, generator=torch.Generator().manual_seed(0))
+    vision_tokens = torch.randn(2 * B, 17, 32, generator=torch.Generator().manual_seed(0))
     ids, mask = text_batch(2 * B, 9, 100, seed=2)
     sample_ids = torch.tensor([0, 1, 2, 3, 4, 5, 2, 7])  # pairs 2 and 6 share a caption, across ranks
-    return image_embeds, ids, mask, sample_ids
+    return vision_tokens, ids, mask, sample_ids
 
 
-def loss_and_grads(model, image_embeds, ids, mask, sample_ids):
-    out = model(ids, mask, image_embeds=image_embeds, sample_ids=sample_ids)
+def loss_and_grads(model, vision_tokens, ids, mask, sample_ids):
+    out = model(ids, mask, vision_tokens=vision_tokens, sample_ids=sample_ids)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.loss_itc.detach(), out.loss_itg.detach(), grads

@@ -5,7 +5,7 @@ import itertools
 import torch
 
 from lavis_lite.config import VisionConfig
-from lavis_lite.feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches
+from lavis_lite.data.feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches
 
 
 def fake_batches(count: int, size: int = 5):
@@ -34,7 +34,7 @@ def test_stream_is_a_function_of_the_batch_index(tmp_path):
     straight = list(itertools.islice(cached_batches(cache, tokenize, 4, seed=3), 25))
     resumed = list(itertools.islice(cached_batches(cache, tokenize, 4, seed=3, start_batch=17), 8))
     for a, b in zip(straight[17:], resumed):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["image_embeds"], b["image_embeds"])
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["vision_tokens"], b["vision_tokens"])
     epoch = torch.cat([b["input_ids"] for b in straight[:10]]).flatten()
     assert sorted(epoch.tolist()) == list(range(40)), "each epoch is a permutation of the cache"
     ranks = [next(cached_batches(cache, tokenize, 4, seed=3, rank=r, world_size=2))["input_ids"] for r in (0, 1)]

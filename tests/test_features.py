@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import BertTokenizer
 
 from lavis_lite import Blip2FeatureExtractor, ConfigError, create_model, load_model_and_preprocess
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import LanguageModelConfig, Stage2ModelConfig
+from lavis_lite.precision import resolve_dtype
 from stage1.config import Stage1Config
 from stage2.config import Stage2Config
-from conftest import redraw_, tiny_config
+from conftest import redraw_, save_bert_tokenizer, tiny_config
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "small", "big", "on", "the", "left", "right", "of"]
 TEXTS = ["a red circle on the left", "the big blue square", "a small green circle", "red"]
@@ -23,9 +23,7 @@ TEXTS = ["a red circle on the left", "the big blue square", "a small green circl
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(path / "vocab.txt")).save_pretrained(path)
-    return path
+    return save_bert_tokenizer(path, WORDS)
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +111,8 @@ def test_itm_reranks_many_texts_against_one_image(trained, images):
 
 def test_checkpoint_round_trip(trained, images, tmp_path):
     extractor, run_dir = trained
-    loaded, vis_processors, txt_processors = load_model_and_preprocess(run_dir)
-    again, _, _ = load_model_and_preprocess(run_dir / "checkpoints" / "step-00000001")
+    loaded, vis_processors, txt_processors = load_model_and_preprocess(run_dir, dtype=torch.float32)
+    again, _, _ = load_model_and_preprocess(run_dir / "checkpoints" / "step-00000001", dtype=torch.float32)
     assert loaded.source == str(run_dir) and not loaded.training and loaded.dtype == torch.float32
     assert (loaded.embed_dim, loaded.num_queries, loaded.image_size) == (16, 8, 32)
     assert len(loaded.checkpoint_id) == 16 and loaded.checkpoint_id == again.checkpoint_id == extractor.checkpoint_id
@@ -131,7 +129,7 @@ def test_checkpoint_round_trip(trained, images, tmp_path):
     with torch.no_grad():
         changed_model.itm_head.bias[0] += 1.0
     save_checkpoint(tmp_path / "changed", 1, changed_model, {}, Stage1Config(model=changed_model.cfg))
-    changed, _, _ = load_model_and_preprocess(tmp_path / "changed")
+    changed, _, _ = load_model_and_preprocess(tmp_path / "changed", dtype=torch.float32)
     assert changed.checkpoint_id != loaded.checkpoint_id
 
 
@@ -191,10 +189,19 @@ def test_config_name_builds_an_untrained_model(tokenizer_dir):
 
 def test_cnn_encoder_is_traced_on_cpu_within_tolerance(images):
     """A traceable (CNN) encoder runs traced and frozen, as the feature cache does: features stay within 1e-5."""
-    extractor, _, _ = load_model_and_preprocess("tiny", overrides=["vision.kind=timm", "vision.name=tf_efficientnet_lite0"])
+    extractor, _, _ = load_model_and_preprocess(
+        "tiny", dtype=torch.float32, overrides=["vision.kind=timm", "vision.name=tf_efficientnet_lite0"]
+    )
     model = extractor.model
     assert model.vision.traceable
     with torch.no_grad():
         expected = model.image_features(model.encode_image(images))[1]
     torch.testing.assert_close(extractor.image_vectors(images), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(extractor.image_vectors(images[:1]), expected[:1], atol=1e-5, rtol=0)
+
+
+def test_default_dtype_is_the_one_auto(trained):
+    """No dtype: `auto` as everywhere else (bf16 where the CPU or GPU runs it natively, else fp32 on CPU)."""
+    _, run_dir = trained
+    default, _, _ = load_model_and_preprocess(run_dir)
+    assert default.dtype == resolve_dtype("auto", "cpu")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lavis_lite.stage1_model import _sample_negatives
+from lavis_lite.models.losses import IGNORE, itc_loss, itg_loss, itm_loss, lm_loss, sample_negatives
 from conftest import text_batch, tiny_model
 
 B = 8
@@ -77,7 +77,7 @@ def test_shared_sample_ids_are_positives(batch):
     out = model(ids, mask, images=images, sample_ids=same, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
     positives = torch.eye(4, dtype=torch.bool) | torch.tensor([[0, 1, 0, 0]] * 4, dtype=torch.bool)
-    picks = _sample_negatives(torch.zeros(4, 4), positives, torch.Generator().manual_seed(0))
+    picks = sample_negatives(torch.zeros(4, 4), positives, torch.Generator().manual_seed(0))
     assert not positives[torch.arange(4), picks].any()
 
 
@@ -124,3 +124,63 @@ def test_itc_gather_without_grad_is_lavis_concat_all_gather(batch):
     for name in lavis_grads:
         torch.testing.assert_close(lavis_grads[name], by_hand_grads[name], msg=name)
     assert any(not torch.allclose(lavis_grads[n], ours_grads[n]) for n in lavis_grads)
+
+
+# --- the loss functions on their own --------------------------------------------------------------------
+
+
+def test_itc_loss_is_the_mean_of_both_directions_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    sim_i2t, sim_t2i = torch.rand(4, 6, generator=gen), torch.rand(4, 6, generator=gen)
+    positives = torch.zeros(4, 6, dtype=torch.bool)
+    positives[torch.arange(4), torch.arange(4) + 2] = True  # this rank's rows sit at columns 2..5
+    temp = torch.tensor(0.07)
+    by_hand = sum(
+        -(s / temp).log_softmax(dim=1)[torch.arange(4), torch.arange(4) + 2].mean() for s in (sim_i2t, sim_t2i)
+    ) / 2
+    torch.testing.assert_close(itc_loss(sim_i2t, sim_t2i, positives, temp), by_hand)
+
+
+def test_itc_loss_spreads_the_target_over_shared_positives():
+    """Two positives in a row: the target is half on each, so equal scores on both are the optimum."""
+    sim = torch.tensor([[5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+    positives = torch.tensor([[True, True, False], [False, False, True]])
+    best = itc_loss(sim, sim, positives, torch.tensor(1.0))
+    skewed = itc_loss(sim + torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]), sim, positives, torch.tensor(1.0))
+    assert best < skewed
+    torch.testing.assert_close(best, torch.tensor(0.5 * 0.6931), atol=2e-3, rtol=0)  # row 0: ln 2, row 1: ~0
+
+
+def test_sample_negatives_follows_the_softmax_of_non_positives():
+    logits = torch.tensor([[0.0, 0.0, 2.0, -1e4]] * 4000)
+    positives = torch.zeros_like(logits, dtype=torch.bool)
+    positives[:, 0] = True
+    picks = sample_negatives(logits, positives, torch.Generator().manual_seed(0))
+    share = torch.bincount(picks, minlength=4).float() / len(picks)
+    expected = torch.tensor([0.0, 1.0, torch.e**2, 0.0]) / (1 + torch.e**2)
+    torch.testing.assert_close(share, expected, atol=0.02, rtol=0)
+
+
+def test_sample_negatives_of_an_all_positive_row_draws_uniformly():
+    positives = torch.ones(2000, 3, dtype=torch.bool)
+    picks = sample_negatives(torch.randn(2000, 3), positives, torch.Generator().manual_seed(0))
+    share = torch.bincount(picks, minlength=3).float() / len(picks)
+    torch.testing.assert_close(share, torch.full((3,), 1 / 3), atol=0.04, rtol=0)
+
+
+def test_itm_loss_labels_the_first_third_as_matches():
+    sure = torch.tensor([[-9.0, 9.0]] * 2 + [[9.0, -9.0]] * 4)
+    assert itm_loss(sure) < 1e-6
+    assert itm_loss(sure.flip(1)) > 17
+
+
+def test_itg_and_lm_loss_are_next_token_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(5, 11, generator=gen), torch.tensor([1, 2, 3, 4, 5])
+    by_hand = -logits.log_softmax(dim=1)[torch.arange(5), targets].mean()
+    torch.testing.assert_close(itg_loss(logits, targets), by_hand)
+    labels = torch.tensor([[IGNORE, 1, 2], [3, IGNORE, IGNORE]])
+    batch = torch.randn(2, 3, 11, generator=gen, dtype=torch.bfloat16)
+    kept = batch.float()[labels != IGNORE]
+    by_hand = -kept.log_softmax(dim=1)[torch.arange(3), labels[labels != IGNORE]].mean()
+    torch.testing.assert_close(lm_loss(batch, labels), by_hand)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Blip2ForImageTextRetrieval
 
-from lavis_lite.convert_hf import NOT_IN_HF, from_hf_retrieval, hf_retrieval_config, to_hf_retrieval
+from lavis_lite.interop.convert_hf import NOT_IN_HF, from_hf_retrieval, hf_retrieval_config, to_hf_retrieval
 from conftest import redraw_, text_batch, tiny_config, tiny_model
 
 LENGTHS = [7, 3, 5, 1, 7]

@@ -4,14 +4,14 @@ import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from lavis_lite.convert_hf import (
+from lavis_lite.interop.convert_hf import (
     HF_TEXT_FFN,
     from_hf_conditional_generation,
     hf_conditional_generation_config,
     to_hf_conditional_generation,
 )
-from lavis_lite.factory import create_stage2_model
-from lavis_lite.llm import IGNORE, lm_inputs, padded_prompt_ids
+from lavis_lite.models.factory import create_stage2_model
+from lavis_lite.models.llm import IGNORE, lm_inputs, padded_prompt_ids
 from conftest import redraw_
 from tiny_llm import PAD, VOCAB, save_tiny_llm
 

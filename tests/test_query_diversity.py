@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lavis_lite.query_diversity import query_similarity
+from lavis_lite.evaluation.query_diversity import query_similarity
 
 
 def test_identical_queries_give_cosine_one():

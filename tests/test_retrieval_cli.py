@@ -21,19 +21,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import BertTokenizer
 
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import VisionConfig
 from lavis_lite.data import SkipCounter
-from lavis_lite.data.synthetic import COLOURS, SHAPES, generate
-from lavis_lite.factory import create_model
-from lavis_lite.features import load_model_and_preprocess
-from lavis_lite.vision import build_vision_encoder
+from lavis_lite.demo.synthetic import COLOURS, SHAPES, generate
+from lavis_lite.models.factory import create_model
+from lavis_lite.inference.features import load_model_and_preprocess
+from lavis_lite.models.vision import build_vision_encoder
 from retrieval import build, evaluate, search
 from retrieval.corpus import Corpus, open_item_image
 from retrieval.index import IndexWriter, RetrievalIndex
 from stage1.config import Stage1Config
+from conftest import save_bert_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 VISION = dict(kind="timm", name="test_efficientnet", image_size=32)
@@ -72,10 +72,7 @@ def assets(tmp_path_factory):
     model, another draw of it and one with a different embedding width."""
     root = tmp_path_factory.mktemp("retrieval")
     generate(root / "data", train=0, val=IMAGES, image_size=32, seed=0, shard_size=12, progress=False)
-    (root / "tokenizer").mkdir()
-    vocab = root / "tokenizer" / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(vocab)).save_pretrained(root / "tokenizer")
+    save_bert_tokenizer(root / "tokenizer", WORDS)
     torch.manual_seed(0)
     trunk = build_vision_encoder(VisionConfig(**VISION)).trunk
     save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(root / "vision.safetensors"))
@@ -91,7 +88,7 @@ def build_args(assets, out: Path, *extra: str) -> list[str]:
     root, runs = assets
     return ["--config", str(ROOT / "configs/retrieval/demo.yaml"), f"checkpoint={runs['model']}",
             f"corpus.path={root / 'data/val'}", f"output_dir={out}", "batch_size=5", "chunk_size=10",
-            "num_workers=2", "device=cpu", *extra]
+            "num_workers=2", "device=cpu", "precision=fp32", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +104,14 @@ def indexes(assets, tmp_path_factory):
 def reference(assets):
     """The model in this process and every corpus image's pixels, captions and key, in corpus order."""
     root, runs = assets
-    model, vis, txt = load_model_and_preprocess(str(runs["model"]))
+    model, vis, txt = load_model_and_preprocess(str(runs["model"]), dtype=torch.float32)
     items = list(Corpus(str(root / "data/val")).items(SkipCounter()))
     pixels = torch.stack([vis["eval"](item.image) for item in items])
     return model, txt["eval"], pixels, [item.captions[0] for item in items], [item.key for item in items]
 
 
 def run_search(capsys, *args: str) -> dict:
-    assert search.main([*args, "--json"]) == 0
+    assert search.main([*args, "--precision", "fp32", "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 

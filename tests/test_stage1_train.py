@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertConfig, BertModel
 
-from lavis_lite.data.synthetic import COLOURS, SHAPES, generate
+from lavis_lite.demo.synthetic import COLOURS, SHAPES, generate
+from conftest import BERT_SPECIAL, save_bert_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["a", "an", "and", "the", "on", "of", "in", "to", "left", "right", "above", "below", "top", "bottom",
@@ -26,9 +27,8 @@ def assets(tmp_path_factory):
     generate(root / "data", train=96, val=32, image_size=32, seed=0, shard_size=48, progress=False)
     bert = root / "bert"
     bert.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
-    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab=str(bert / "vocab.txt")).save_pretrained(bert)
+    save_bert_tokenizer(bert, dict.fromkeys(WORDS))
+    vocab = [*BERT_SPECIAL, *dict.fromkeys(WORDS)]
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lavis_lite.factory import create_stage2_model
-from lavis_lite.llm import IGNORE
+from lavis_lite.models.factory import create_stage2_model
+from lavis_lite.models.llm import IGNORE
 from stage2.objective import caption_text
 from tiny_llm import save_tiny_llm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lavis_lite.query_diversity import qformer_hidden_states, query_similarity  # noqa: E402
+from lavis_lite.evaluation.query_diversity import qformer_hidden_states, query_similarity  # noqa: E402
 from tools.stage2_diagnostics import loss_by_word_kind, spread_ratio, token_word_index, word_kind  # noqa: E402
 
 
@@ -21,17 +21,17 @@ def test_qformer_hidden_states_follow_the_queries_through_the_qformer(tmp_path):
     stay identical through every layer; the hooks are gone afterwards."""
     torch.manual_seed(0)
     model = create_stage2_model("tiny-stage2", [f"llm.path={save_tiny_llm('llama', tmp_path)}"])
-    image_embeds = torch.randn(6, 17, model.vision.width)
+    vision_tokens = torch.randn(6, 17, model.vision.width)
     with torch.no_grad():
-        hidden = qformer_hidden_states(model.qformer, lambda: model.query_outputs(image_embeds))
+        hidden = qformer_hidden_states(model.qformer, lambda: model.query_outputs(vision_tokens))
         queries = model.query_tokens.expand(6, -1, -1)
         assert len(hidden) == model.cfg.qformer.num_layers + 1
         torch.testing.assert_close(hidden[0], model.qformer.embeddings(queries, None))
-        torch.testing.assert_close(hidden[-1], model.query_outputs(image_embeds))
+        torch.testing.assert_close(hidden[-1], model.query_outputs(vision_tokens))
         assert max(query_similarity(h)[0] for h in hidden) < 0.99
         assert not any(m._forward_hooks for m in model.qformer.modules())
         model.query_tokens.copy_(model.query_tokens[:, :1].expand_as(model.query_tokens))
-        same = qformer_hidden_states(model.qformer, lambda: model.query_outputs(image_embeds))
+        same = qformer_hidden_states(model.qformer, lambda: model.query_outputs(vision_tokens))
     assert [query_similarity(h)[0] for h in same] == pytest.approx([1.0] * len(hidden), abs=1e-5)
 
 
@@ -94,13 +94,13 @@ def test_loss_by_word_kind_adds_up_to_the_model_loss(tmp_path):
     to the LM loss the model trains on, and the word counts are the captions' (EOS counts as `other`)."""
     torch.manual_seed(0)
     model = create_stage2_model("tiny-stage2", [f"llm.path={save_tiny_llm('llama', tmp_path)}", "prompt=a photo of"])
-    image_embeds = torch.randn(len(CAPTIONS), 17, model.vision.width)
-    kinds = loss_by_word_kind(model, image_embeds, CAPTIONS)
+    vision_tokens = torch.randn(len(CAPTIONS), 17, model.vision.width)
+    kinds = loss_by_word_kind(model, vision_tokens, CAPTIONS)
     counts = {kind: words for kind, (_, words) in kinds.items()}
     assert counts == {"colour": 3, "shape": 3, "size": 3, "position": 5, "other": 12 + 2}
     batch = caption_text(model, seed=0)(CAPTIONS)
     with torch.no_grad():
-        loss = model(image_embeds=image_embeds, **batch).loss.item()
+        loss = model(vision_tokens=vision_tokens, **batch).loss.item()
     tokens = (batch["labels"] != IGNORE).sum().item()
     assert sum(mean * words for mean, words in kinds.values()) / tokens == pytest.approx(loss, rel=1e-5)
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from tokenizers import processors
 
-from lavis_lite import assets
-from lavis_lite import llm as llm_module
+from lavis_lite.demo import assets
+from lavis_lite.models import llm as llm_module
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import LanguageModelConfig
-from lavis_lite.factory import create_stage2_model
-from lavis_lite.llm import IGNORE, dequantised_copy, lm_inputs, load_language_model, padded_prompt_ids, split_prefix
-from lavis_lite.train_config import OptimConfig, TrainConfig
-from lavis_lite.train_loop import train
+from lavis_lite.models.factory import create_stage2_model, load_stage1_weights
+from lavis_lite.models.llm import IGNORE, dequantised_copy, lm_inputs, load_language_model, padded_prompt_ids, split_prefix
+from lavis_lite.training.train_config import OptimConfig, TrainConfig
+from lavis_lite.training.train_loop import train
 from stage2.objective import stage2_loss
 from conftest import redraw_, tiny_config, tiny_model
 from test_parity_stage2 import redraw_all_
@@ -55,7 +55,7 @@ def test_training_changes_only_the_bridge(tmp_path, llm_dirs, kind):
     def batches(start: int):
         gen = torch.Generator().manual_seed(start)
         while True:
-            yield {**text, "image_embeds": torch.randn(len(CAPTIONS), 17, model.vision.width, generator=gen)}
+            yield {**text, "vision_tokens": torch.randn(len(CAPTIONS), 17, model.vision.width, generator=gen)}
 
     llm_modes = []
 
@@ -189,7 +189,7 @@ def test_load_stage1_copies_the_query_side(tmp_path, llm_dirs):
     model = stage2(llm_dirs["opt"])
     keys = [k for k in model.state_dict() if k.startswith(("ln_vision.", "query_tokens", "qformer."))]
     assert not any(torch.equal(model.state_dict()[k], stage1[k]) for k in keys)
-    model.load_stage1(tmp_path / "stage1")
+    load_stage1_weights(model, tmp_path / "stage1")
     state = model.state_dict()
     assert len(keys) > 50 and all(torch.equal(state[k], stage1[k]) for k in keys)
 
@@ -199,7 +199,7 @@ def test_load_stage1_of_another_qformer_size_is_a_clear_error(tmp_path, llm_dirs
     stage1_checkpoint(tmp_path / "stage1", override)
     model = stage2(llm_dirs["opt"])
     with pytest.raises(ValueError, match="stage-1 checkpoint .* (lacks|does not fit)"):
-        model.load_stage1(tmp_path / "stage1")
+        load_stage1_weights(model, tmp_path / "stage1")
 
 
 # --- GGUF ------------------------------------------------------------------------------------------------
@@ -256,5 +256,5 @@ def test_the_lm_head_reads_contiguous_hidden_states(llm_dirs):
     seen = []
     model.llm.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
     batch = lm_inputs(model.tokenizer, False, PROMPTS, CAPTIONS, 24)
-    reference = model(image_embeds=torch.randn(3, 17, model.vision.width), **batch)
+    reference = model(vision_tokens=torch.randn(3, 17, model.vision.width), **batch)
     assert seen == [True] and torch.isfinite(reference.loss)

@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lavis_lite.data import Collator, DataConfig, PairTransform, SkipCounter, build_wds_pipeline, list_shards, synthetic
-from lavis_lite.data.synthetic import COLOURS, SHAPES, SIZES, WHERE, generate, make_example
+from lavis_lite.data import Collator, DataConfig, PairTransform, SkipCounter, build_wds_pipeline, list_shards
+from lavis_lite.demo import synthetic
+from lavis_lite.demo.synthetic import COLOURS, SHAPES, SIZES, WHERE, generate, make_example
+from conftest import save_bert_tokenizer
 
 PHRASE = r"(?:small|large) \w+ \w+"
 # "<phrase A> ... <phrase B>": which phrase is first along the layout's axis (left or top)
@@ -186,17 +188,13 @@ def test_flip_with_swap_keeps_captions_true():
 
 def test_synthetic_shards_load_without_skips(tmp_path):
     """Train shards go through the pipeline untouched, and captions use only the templates' words."""
-    from transformers import BertTokenizer
 
-    from lavis_lite.tokenizer import build_tokenizer
+    from lavis_lite.models.tokenizer import build_tokenizer
 
     templates = [*synthetic.SINGLE_TEMPLATES, *(t for ts in synthetic.PAIR_TEMPLATES.values() for t in ts)]
     words = {w for t in templates for w in t.split() if "{" not in w}
     words |= {w for c in WHERE.values() for w in c.split()} | set(SHAPES) | set(COLOURS) | set(SIZES)
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]))
-    BertTokenizer(vocab=str(vocab)).save_pretrained(tmp_path / "tok")
-    tokenizer = build_tokenizer(tmp_path / "tok")
+    tokenizer = build_tokenizer(save_bert_tokenizer(tmp_path / "tok", sorted(words)))
     generate(tmp_path / "syn", train=16, val=8, image_size=32, shard_size=8, workers=1, progress=False)
     cfg = DataConfig(batch_size=8, flip_swaps_left_right=True)
     transform = PairTransform.from_config(cfg, 32, (0.5,) * 3, (0.5,) * 3, train=True)

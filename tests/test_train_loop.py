@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lavis_lite.retrieval_metrics import rerank_top_k, retrieval_recall
-from lavis_lite.train_config import OptimConfig, TrainConfig
-from lavis_lite.train_loop import param_groups, train, warmup_cosine
+from lavis_lite.evaluation.retrieval_metrics import rerank_top_k, retrieval_recall
+from lavis_lite.training.train_config import OptimConfig, TrainConfig
+from lavis_lite.training.train_loop import param_groups, train, warmup_cosine
 
 X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
@@ -127,7 +127,7 @@ def test_late_starting_parameters_wait_then_warm_up(tmp_path):
 
 def test_host_syncs_and_plots_only_when_logging_and_saving(tmp_path, monkeypatch):
     """One host sync per step (the non-finite guard), one per log line; the loss curve is drawn at checkpoints."""
-    import lavis_lite.train_loop as train_loop
+    import lavis_lite.training.train_loop as train_loop
 
     syncs, plots = {"n": 0}, {"n": 0}
 
@@ -157,8 +157,8 @@ RANKS_SCRIPT = """
 import json, os, sys, time, types
 import torch
 from torch import nn
-import lavis_lite.train_loop as train_loop
-from lavis_lite.train_config import OptimConfig, TrainConfig
+import lavis_lite.training.train_loop as train_loop
+from lavis_lite.training.train_config import OptimConfig, TrainConfig
 
 out, mode = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from lavis_lite.config import VisionConfig
-from lavis_lite.vision import CLIP_MEAN, FrozenVisionEncoder, build_vision_encoder, vision_width
+from lavis_lite.precision import resolve_dtype
+from lavis_lite.models.vision import CLIP_MEAN, FrozenVisionEncoder, build_vision_encoder, vision_width
 
-TINY_VIT = dict(kind="vit", width=64, depth=2, heads=4, mlp_dim=128, patch_size=8, image_size=32)
+# fp32 where the tests compare against a reference (`auto` would be bf16 on CPUs that run it natively)
+TINY_VIT = dict(kind="vit", width=64, depth=2, heads=4, mlp_dim=128, patch_size=8, image_size=32, precision="fp32")
 
 
 def _redraw(module: nn.Module, seed: int = 0) -> None:
@@ -89,11 +91,13 @@ def test_vit_is_frozen() -> None:
 
 def test_vit_precision() -> None:
     images = torch.randn(1, 3, 32, 32)
-    auto = _vit()
-    reference = auto(images)
-    assert next(auto.trunk.parameters()).dtype == torch.float32  # "auto" resolves to fp32 on CPU
+    auto = _vit(precision="auto")
+    auto(images)
+    assert next(auto.trunk.parameters()).dtype == resolve_dtype("auto", "cpu")  # resolved on the first forward
+    fp32 = _vit(precision="fp32")
+    reference = fp32(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a parent's autocast does not change the trunk's precision
-        torch.testing.assert_close(auto(images), reference, atol=0, rtol=0)
+        torch.testing.assert_close(fp32(images), reference, atol=0, rtol=0)
 
     bf16 = _vit(precision="bf16")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
@@ -106,12 +110,12 @@ def test_bad_kind_and_precision() -> None:
     with pytest.raises(ValueError, match="unknown vision.kind 'vitt'"):
         build_vision_encoder(VisionConfig(kind="vitt"))
     with pytest.raises(ValueError, match="vision.precision"):
-        build_vision_encoder(VisionConfig(**TINY_VIT, precision="fp8"))
+        build_vision_encoder(VisionConfig(**{**TINY_VIT, "precision": "fp8"}))
 
 
 # --- kind "timm" ---
 
-TIMM_CNN = dict(kind="timm", name="tf_efficientnet_lite0", image_size=64)
+TIMM_CNN = dict(kind="timm", name="tf_efficientnet_lite0", image_size=64, precision="fp32")
 
 
 def test_timm_cnn_tokens() -> None:
@@ -145,7 +149,7 @@ def test_timm_cnn_extra_levels_shapes_and_values() -> None:
 
 
 def test_timm_cnn_extra_levels_frozen_traced_and_cacheable(tmp_path: Path) -> None:
-    from lavis_lite.feature_cache import build_feature_cache, cache_fingerprint, trace_encoder
+    from lavis_lite.data.feature_cache import build_feature_cache, cache_fingerprint, trace_encoder
 
     cfg = VisionConfig(**TIMM_CNN, extra_levels=[2, 3], extra_levels_pool="max")
     encoder = build_vision_encoder(cfg)
@@ -207,7 +211,7 @@ def test_timm_vit_penultimate_block() -> None:
     import timm
 
     torch.manual_seed(0)
-    encoder = build_vision_encoder(VisionConfig(kind="timm", name="vit_tiny_patch16_224"))
+    encoder = build_vision_encoder(VisionConfig(kind="timm", name="vit_tiny_patch16_224", precision="fp32"))
     assert len(encoder.trunk.blocks) == 11 and encoder.width == 192
 
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
@@ -274,7 +278,7 @@ def test_open_clip_timm_eva_penultimate_tokens(tiny_open_clip_configs: dict[str,
     import open_clip
 
     name = tiny_open_clip_configs["eva"]
-    encoder = build_vision_encoder(VisionConfig(kind="open_clip", name=name, image_size=224))
+    encoder = build_vision_encoder(VisionConfig(kind="open_clip", name=name, image_size=224, precision="fp32"))
     assert len(encoder.trunk.blocks) == 11 and encoder.width == 192
 
     trunk = open_clip.create_model(name, pretrained_text=False).visual.trunk.eval()
@@ -302,7 +306,9 @@ def test_open_clip_native_vit_penultimate_tokens(tiny_open_clip_configs: dict[st
     torch.save(reference.state_dict(), tmp_path / "clip.pt")
 
     encoder = build_vision_encoder(
-        VisionConfig(kind="open_clip", name=name, image_size=32, checkpoint=str(tmp_path / "clip.pt"))
+        VisionConfig(
+            kind="open_clip", name=name, image_size=32, checkpoint=str(tmp_path / "clip.pt"), precision="fp32"
+        )
     )
     assert len(encoder.trunk.transformer.resblocks) == 2 and encoder.width == 64
     assert encoder.trunk.proj is None  # pruned head

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-from lavis_lite.data.synthetic import COLOURS, SHAPES
+from lavis_lite.demo.synthetic import COLOURS, SHAPES
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = [

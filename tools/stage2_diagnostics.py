@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
-from lavis_lite.data.synthetic import COLOURS, SHAPES, SIZES
+from lavis_lite.demo.synthetic import COLOURS, SHAPES, SIZES
 from lavis_lite.data.training_data import TrainingData
-from lavis_lite.factory import create_stage2_model, load_stage1_checkpoint, load_stage2_checkpoint
-from lavis_lite.llm import IGNORE
-from lavis_lite.query_diversity import qformer_hidden_states, query_similarity
-from lavis_lite.stage2_model import Blip2Stage2
+from lavis_lite.models.factory import create_stage2_model, load_stage1_checkpoint, load_stage2_checkpoint
+from lavis_lite.models.llm import IGNORE
+from lavis_lite.evaluation.query_diversity import qformer_hidden_states, query_similarity
+from lavis_lite.models.stage2_model import Blip2Stage2
 from stage1.config import load_stage1_config
 from stage2.config import load_stage2_config
 from stage2.objective import caption_text
@@ -73,12 +73,12 @@ def token_word_index(tokenizer, ids: list[int]) -> list[int]:
 
 
 @torch.no_grad()
-def loss_by_word_kind(model: Blip2Stage2, image_embeds: Tensor, captions: list[str]) -> dict[str, tuple[float, int]]:
+def loss_by_word_kind(model: Blip2Stage2, vision_tokens: Tensor, captions: list[str]) -> dict[str, tuple[float, int]]:
     """Mean LM loss per word (nats, summed over a word's tokens) by word kind, with the number of words."""
     if model.is_encoder_decoder:
         raise ValueError("loss by word kind reads decoder-only layouts (an encoder-decoder sees a random prefix)")
     batch = caption_text(model, seed=0)(captions)
-    out = model(image_embeds=image_embeds, **batch)
+    out = model(vision_tokens=vision_tokens, **batch)
     # out.logits[:, t] predicts the text token t + 1.
     labels = batch["labels"][:, 1:]
     nats = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
@@ -130,20 +130,20 @@ def main() -> None:
     data = TrainingData(cfg.data, cfg.model.vision, model.vision, None, cfg.model.max_text_len, None)
     cache = data.cache(cfg.data.val_shards, "val")
     count = min(args.images, len(cache.keys))
-    image_embeds, captions = cache.tokens(range(count)).float(), cache.captions[:count]
+    vision_tokens, captions = cache.tokens(range(count)).float(), cache.captions[:count]
     with torch.no_grad():
         if args.stage1:
-            report_queries(model.qformer, lambda: model.image_features(model.ln_vision(image_embeds))[0])
+            report_queries(model.qformer, lambda: model.image_features(model.ln_vision(vision_tokens))[0])
             return
-        report_queries(model.qformer, lambda: model.query_outputs(image_embeds))
-        soft = model.soft_prompts(image_embeds)
+        report_queries(model.qformer, lambda: model.query_outputs(vision_tokens))
+        soft = model.soft_prompts(vision_tokens)
     embedding_norm = model.llm.get_input_embeddings().weight.norm(dim=-1).mean().item()
     print(
         f"soft prompts: norm {soft.float().norm(dim=-1).mean():.1f} (LLM token embeddings: {embedding_norm:.1f}), "
         f"image-dependent part / mean over images {spread_ratio(soft):.3f}"
     )
     print(f"caption loss by word kind on {count} held-out captions (nats per word):")
-    for kind, (loss, words) in sorted(loss_by_word_kind(model, image_embeds, captions).items()):
+    for kind, (loss, words) in sorted(loss_by_word_kind(model, vision_tokens, captions).items()):
         chance = f"  (chance {CHANCE[kind]:.2f})" if kind in CHANCE else ""
         print(f"  {kind:9s} {loss:6.3f} over {words} words{chance}")
 

@@ -1,6 +1,7 @@
-"""Image-text data: webdataset shards and annotation files to batches, transforms, skips, synthetic data."""
+"""Image-text data: webdataset shards and annotation files to batches, transforms, skips, the training stream
+and held-out split of a recipe, and the frozen encoder's token cache."""
 
-from .annotations import (
+from lavis_lite.data.annotations import (
     AnnotationDataset,
     Record,
     RetrievalSet,
@@ -9,10 +10,10 @@ from .annotations import (
     read_karpathy_eval,
     read_table,
 )
-from .config import DataConfig
-from .samples import Collator, Sample, Skip, SkipCounter, caption_id
-from .transforms import PairTransform, clean_caption, swap_left_right
-from .webdataset_pipeline import build_wds_pipeline, create_wds_loader, list_shards
+from lavis_lite.data.config import DataConfig
+from lavis_lite.data.samples import Collator, Sample, Skip, SkipCounter, caption_id
+from lavis_lite.data.transforms import PairTransform, clean_caption, swap_left_right
+from lavis_lite.data.webdataset_pipeline import build_wds_pipeline, create_wds_loader, list_shards
 
 __all__ = [
     "AnnotationDataset",

@@ -15,8 +15,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from .config import DataConfig
-from .samples import (
+from lavis_lite.data.config import DataConfig
+from lavis_lite.data.samples import (
     EMPTY_CAPTION,
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -30,7 +30,8 @@ from .samples import (
     make_sample,
     split_by_node_and_worker,
 )
-from .transforms import PairTransform, clean_caption
+from lavis_lite.errors import UserError
+from lavis_lite.data.transforms import PairTransform, clean_caption
 
 PathLike = Union[str, Path]
 
@@ -74,11 +75,11 @@ def read_table(path: PathLike, image_root: Optional[PathLike] = None) -> list[Re
         elif path.suffix == ".csv":
             rows = list(csv.DictReader(f))
         else:
-            raise ValueError(f"{path}: expected a .jsonl or .csv file")
+            raise UserError(f"{path}: expected a .jsonl or .csv file")
     records = []
     for i, row in enumerate(rows):
         if "image_path" not in row:
-            raise ValueError(f"{path}: row {i} has no 'image_path' column")
+            raise UserError(f"{path}: row {i} has no 'image_path' column")
         records.append(Record(str(row.get("key") or i), str(root / row["image_path"]), row.get("caption")))
     return records
 

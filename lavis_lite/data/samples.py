@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from .transforms import PairTransform
+from lavis_lite.data.transforms import PairTransform
 
 logger = logging.getLogger("lavis_lite.data")
 

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from ..config import ConfigError, VisionConfig
-from ..distributed import world
-from ..feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches, trace_encoder
-from .config import DataConfig
-from .samples import Collator, SkipCounter
-from .webdataset_pipeline import create_wds_loader, list_shards
+from lavis_lite.config import ConfigError, VisionConfig
+from lavis_lite.distributed import world
+from lavis_lite.data.feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches, trace_encoder
+from lavis_lite.data.config import DataConfig
+from lavis_lite.data.samples import Collator, SkipCounter
+from lavis_lite.data.webdataset_pipeline import create_wds_loader, list_shards
 
 log = logging.getLogger("lavis_lite.data")
 
@@ -36,7 +36,7 @@ class HeldOut:
 
 @dataclass
 class TrainingData:
-    """Batches for `lavis_lite.train_loop.train` and the held-out split, from `data` and the frozen `encoder`."""
+    """Batches for `lavis_lite.training.train_loop.train` and the held-out split, from `data` and the frozen `encoder`."""
 
     data: DataConfig
     vision: VisionConfig

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from .config import DataConfig
+from lavis_lite.data.config import DataConfig
 
 BICUBIC = T.InterpolationMode.BICUBIC
 _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
@@ -22,7 +22,7 @@ def clean_caption(text: str, max_words: int = 50, lowercase: bool = True) -> str
 
     Any whitespace run becomes one space (LAVIS keeps single tabs/newlines; the BERT tokenizer sees no
     difference), so a caption of only whitespace and punctuation cleans to "". `lowercase=False` leaves case
-    to the tokenizer (the evaluation-time processor of `lavis_lite.features`).
+    to the tokenizer (the evaluation-time processor of `lavis_lite.inference.features`).
     """
     words = _PUNCTUATION.sub(" ", text.lower() if lowercase else text).split()
     return " ".join(words[:max_words])

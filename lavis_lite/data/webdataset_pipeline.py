@@ -17,8 +17,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from .config import DataConfig
-from .samples import (
+from lavis_lite.data.config import DataConfig
+from lavis_lite.data.samples import (
     READ_ERROR,
     Collator,
     Sample,
@@ -30,7 +30,7 @@ from .samples import (
     split_by_node_and_worker,
     worker_slot,
 )
-from .transforms import PairTransform
+from lavis_lite.data.transforms import PairTransform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Shards = Union[str, Path, Sequence[Union[str, Path]]]

@@ -11,7 +11,7 @@ worded only with "left" / "right", so a flip that swaps those two words keeps ca
 Each sample is drawn from its own seed stream (seed, split, index): shards can be written in parallel and
 in any order, and train and val never share a stream.
 
-    python -m lavis_lite.data.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
+    python -m lavis_lite.demo.synthetic --out data/synthetic --train 20000 --val 1000 --image-size 128 --seed 0
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ..io import atomic_path, atomic_write_text
+from lavis_lite.io import atomic_path, atomic_write_text
 
 GENERATOR_VERSION = 1
 SPLITS = {"train": 0, "val": 1}  # the split's number in the seed stream
@@ -336,7 +336,7 @@ def generate(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m lavis_lite.data.synthetic",
+        prog="python -m lavis_lite.demo.synthetic",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import QFormerConfig
+from lavis_lite.config import QFormerConfig
+from lavis_lite.errors import MissingFileError
 
 KeyValue = tuple[Tensor, Tensor]
 
@@ -254,7 +255,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
     bert_dir = Path(bert_dir)
     config_file = bert_dir / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"qformer.bert={bert_dir} has no config.json: point it at a BertModel directory")
+        raise MissingFileError(f"qformer.bert={bert_dir} has no config.json: point it at a BertModel directory")
     bert_cfg = json.loads(config_file.read_text())
     mismatched = [
         f"qformer.{ours}={getattr(qformer.cfg, ours)} but {bert_dir} has {bert_cfg[theirs]}"
@@ -265,7 +266,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
         raise ValueError("Q-Former config does not match its BERT checkpoint: " + "; ".join(mismatched))
     weights = next((bert_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (bert_dir / n).is_file()), None)
     if weights is None:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {bert_dir}")
+        raise MissingFileError(f"qformer.bert={bert_dir} holds no model.safetensors or pytorch_model.bin")
     bert = {k.removeprefix("bert."): v for k, v in _read_state_dict(weights).items()}
 
     def take(name: str) -> Tensor:

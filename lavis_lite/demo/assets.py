@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_path, replace_dir, staging_dir
+from lavis_lite.errors import MissingFileError
+from lavis_lite.io import atomic_path, replace_dir, staging_dir
 
 __all__ = [
     "ASSET_PACKAGES",
@@ -44,10 +45,10 @@ _INSTALL_HINT = (
 )
 
 # The converted EfficientNet checkpoint records where it came from; a file whose record differs is rebuilt.
-_EFFNET_FORMAT = "lavis_lite.assets/timm-tf_efficientnet_lite0/v1"
+_EFFNET_FORMAT = "lavis_lite.demo.assets/timm-tf_efficientnet_lite0/v1"
 
 
-class AssetMissingError(FileNotFoundError):
+class AssetMissingError(MissingFileError):
     """An asset package is not installed, or does not hold the file it should."""
 
 

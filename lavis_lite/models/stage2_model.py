@@ -8,26 +8,19 @@ in the encoder and predict the suffix with the decoder (BLIP-2's prefix LM).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .checkpoint import load_weights, resolve_checkpoint
-from .config import ConfigError, Stage2ModelConfig
-from .llm import IGNORE, padded_prompt_ids
-from .qformer import QFormer
-from .vision import build_vision_encoder
+from lavis_lite.config import Stage2ModelConfig
+from lavis_lite.models.llm import padded_prompt_ids
+from lavis_lite.models.losses import lm_loss
+from lavis_lite.models.qformer import QFormer
+from lavis_lite.models.vision import build_vision_encoder
 
-# The parts of a stage-1 checkpoint that stage 2 starts from (its ITC/ITM/ITG heads are not used).
-STAGE1_PREFIXES = ("ln_vision.", "query_tokens", "qformer.")
-# The text side of a stage-1 Q-Former, which stage 2 does not hold.
-STAGE1_TEXT_SIDE = re.compile(r"^qformer\.(embeddings\.(word|position)\.|layers\.\d+\.ffn_text\.|lm_head\.)")
 
 
 @dataclass
@@ -61,45 +54,25 @@ class Blip2Stage2(nn.Module):
         self.llm.eval()  # frozen: no dropout, ever
         return self
 
-    def load_stage1(self, checkpoint: str | Path) -> None:
-        """Start from a trained stage-1 Q-Former: its ln_vision, queries and query-side Q-Former weights."""
-        path = resolve_checkpoint(checkpoint)
-        state = {k: v for k, v in load_weights(path).items() if k.startswith(STAGE1_PREFIXES)}
-        ours = {k for k in self.state_dict() if k.startswith(STAGE1_PREFIXES)}
-        missing = sorted(ours - set(state))
-        if missing:
-            raise ValueError(f"stage-1 checkpoint {path} lacks {missing[:5]}: is it a stage-1 checkpoint of this Q-Former?")
-        unexpected = sorted(k for k in set(state) - ours if not STAGE1_TEXT_SIDE.match(k))
-        if unexpected:
-            raise ConfigError(
-                f"stage-1 checkpoint {path} does not fit model.qformer: this model has no {unexpected[:3]}"
-            )
-        mismatched = [k for k in ours if state[k].shape != self.state_dict()[k].shape]
-        if mismatched:
-            raise ConfigError(
-                f"stage-1 checkpoint {path} does not fit model.qformer / model.vision: shapes differ for {mismatched[:3]}"
-            )
-        self.load_state_dict({k: state[k] for k in ours}, strict=False)
-
     # ---- building blocks ---------------------------------------------------------------------------
-    def encode_image(self, images: Tensor) -> Tensor:
+    def encode_vision(self, images: Tensor) -> Tensor:
         """Pixels [B,3,H,W] -> frozen encoder tokens [B,N,C] (before ln_vision, as the feature cache holds)."""
         return self.vision(images)
 
-    def query_outputs(self, image_embeds: Tensor) -> Tensor:
+    def query_outputs(self, vision_tokens: Tensor) -> Tensor:
         """Frozen encoder tokens [B,N,C] -> the Q-Former's query outputs [B,Q,H]."""
-        image_embeds = self.ln_vision(image_embeds)
+        image_embeds = self.ln_vision(vision_tokens)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         return self.qformer(query_embeds=queries, image_embeds=image_embeds)[0]
 
-    def soft_prompts(self, image_embeds: Tensor) -> Tensor:
+    def soft_prompts(self, vision_tokens: Tensor) -> Tensor:
         """Frozen encoder tokens [B,N,C] -> the LLM's soft prompts [B,Q,W] (in the LLM's dtype)."""
-        return self.language_projection(self.query_outputs(image_embeds)).to(self.llm.dtype)
+        return self.language_projection(self.query_outputs(vision_tokens)).to(self.llm.dtype)
 
-    def _image_embeds(self, images: Optional[Tensor], image_embeds: Optional[Tensor]) -> Optional[Tensor]:
-        if image_embeds is None and images is not None:
-            image_embeds = self.encode_image(images)
-        return image_embeds
+    def _vision_tokens(self, images: Optional[Tensor], vision_tokens: Optional[Tensor]) -> Optional[Tensor]:
+        if vision_tokens is None and images is not None:
+            vision_tokens = self.encode_vision(images)
+        return vision_tokens
 
     # ---- training --------------------------------------------------------------------------------
     def forward(
@@ -108,16 +81,16 @@ class Blip2Stage2(nn.Module):
         attention_mask: Tensor,
         labels: Tensor,
         images: Optional[Tensor] = None,
-        image_embeds: Optional[Tensor] = None,
+        vision_tokens: Optional[Tensor] = None,
     ) -> Stage2Output:
-        """LM loss of a batch laid out by `lavis_lite.llm.lm_inputs` (IGNORE-labelled positions carry none).
+        """LM loss of a batch laid out by `lavis_lite.models.llm.lm_inputs` (IGNORE-labelled positions carry none).
 
-        Give `images` (pixels) or `image_embeds` (frozen encoder tokens, e.g. from a feature cache).
+        Give `images` (pixels) or `vision_tokens` (frozen encoder tokens, e.g. from a feature cache).
         """
-        image_embeds = self._image_embeds(images, image_embeds)
-        if image_embeds is None:
-            raise ValueError("give images (pixels) or image_embeds (frozen encoder tokens)")
-        soft = self.soft_prompts(image_embeds)
+        vision_tokens = self._vision_tokens(images, vision_tokens)
+        if vision_tokens is None:
+            raise ValueError("give images (pixels) or vision_tokens (frozen encoder tokens)")
+        soft = self.soft_prompts(vision_tokens)
         text = self.llm.get_input_embeddings()(input_ids)
         inputs_embeds = torch.cat([soft, text], dim=1)
         mask = torch.cat([attention_mask.new_ones(soft.shape[:2]), attention_mask], dim=1)
@@ -127,9 +100,9 @@ class Blip2Stage2(nn.Module):
         # Position t predicts token t + 1: the last query predicts the first text token (a caption word where
         # there is neither BOS nor prompt), the text positions the rest.
         keep = input_ids.shape[1] + 1
-        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, logits_to_keep=keep).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-        return Stage2Output(loss, logits[:, 1:])
+        # Models that ignore `logits_to_keep` (OPT before transformers 5) return every position: keep the last.
+        logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=mask, logits_to_keep=keep).logits[:, -keep:]
+        return Stage2Output(lm_loss(logits[:, :-1], labels), logits[:, 1:])
 
     # ---- generation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,7 +110,7 @@ class Blip2Stage2(nn.Module):
         self,
         images: Optional[Tensor] = None,
         prompt: Optional[str | Sequence[str]] = None,
-        image_embeds: Optional[Tensor] = None,
+        vision_tokens: Optional[Tensor] = None,
         num_beams: int = 5,
         max_new_tokens: int = 30,
         min_new_tokens: int = 1,
@@ -155,9 +128,9 @@ class Blip2Stage2(nn.Module):
         (and with `batch_size` or a list of prompts) the LLM answers from the prompt alone, the no-image
         baseline. Returns `num_captions` strings per image, image by image.
         """
-        image_embeds = self._image_embeds(images, image_embeds)
-        if image_embeds is not None:
-            count = image_embeds.shape[0]
+        vision_tokens = self._vision_tokens(images, vision_tokens)
+        if vision_tokens is not None:
+            count = vision_tokens.shape[0]
         elif batch_size is not None:
             count = batch_size
         else:
@@ -166,11 +139,11 @@ class Blip2Stage2(nn.Module):
         device = self.language_projection.weight.device
         ids, mask = padded_prompt_ids(self.tokenizer, self.is_encoder_decoder, prompts, self.cfg.max_text_len)
         ids, mask = ids.to(device), mask.to(device)
-        if image_embeds is None and not mask.sum(dim=1).all():
+        if vision_tokens is None and not mask.sum(dim=1).all():
             ids, mask = self._start_empty_rows(ids, mask)
         inputs_embeds = self.llm.get_input_embeddings()(ids)
-        if image_embeds is not None:
-            soft = self.soft_prompts(image_embeds.to(device))
+        if vision_tokens is not None:
+            soft = self.soft_prompts(vision_tokens.to(device))
             inputs_embeds, mask = _prepend(soft, inputs_embeds, mask, left_padded=not self.is_encoder_decoder)
         sampling = {"top_p": top_p, "temperature": temperature} if do_sample else {}
         out = self.llm.generate(

@@ -23,11 +23,13 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
-from .factory import create_model, load_stage1_checkpoint
-from .data.transforms import clean_caption
-from .feature_cache import trace_encoder
-from .preprocess import image_processor
-from .stage1_model import Blip2Stage1
+from lavis_lite.data.transforms import clean_caption
+from lavis_lite.errors import UserError
+from lavis_lite.models.factory import create_model, load_stage1_checkpoint
+from lavis_lite.data.feature_cache import trace_encoder
+from lavis_lite.precision import resolve_dtype
+from lavis_lite.inference.preprocess import image_processor
+from lavis_lite.models.stage1_model import Blip2Stage1
 
 MODES = ("image", "text", "multimodal")
 _MODE_INPUTS = {"image": ("image",), "text": ("text_input",), "multimodal": ("image", "text_input")}
@@ -58,13 +60,6 @@ def weights_id(state: Mapping[str, Tensor]) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on CUDA where supported, else fp16."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def caption_processor(max_words: int = 50) -> Callable[[str], str]:
@@ -126,13 +121,13 @@ class Blip2FeatureExtractor(nn.Module):
         """Token ids and attention mask on the model's device: truncated to `max_text_len`, padded to the
         longest text."""
         if self.tokenizer is None:
-            raise ValueError(f"{self.source} has no tokenizer: set qformer.tokenizer (or qformer.bert) to use text")
+            raise UserError(f"{self.source} has no tokenizer: set qformer.tokenizer (or qformer.bert) to use text")
         texts = _as_list(texts)
         if not texts:
-            raise ValueError("no texts given")
+            raise UserError("no texts given")
         empty = [i for i, text in enumerate(texts) if not text.strip()]
         if empty:
-            raise ValueError(f"empty text at position(s) {empty[:5]}: every text needs at least one word")
+            raise UserError(f"empty text at position(s) {empty[:5]}: every text needs at least one word")
         return self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.model.cfg.max_text_len, return_tensors="pt"
         ).to(self.device)
@@ -231,13 +226,12 @@ def load_model_and_preprocess(
     """A feature extractor and its image and text processors (`{"eval": ...}`), LAVIS style.
 
     `name_or_checkpoint`: a stage-1 run or checkpoint directory (trained weights), or a model config name
-    under configs/model/ or YAML path (untrained). `dtype` (default: fp32 on CPU, bf16 on CUDA where
-    supported, else fp16) is what the vision encoder and Q-Former compute in; `overrides` apply to the
+    under configs/model/ or YAML path (untrained). `dtype` (default: `auto`, see `lavis_lite.precision`) is what the vision encoder and Q-Former compute in; `overrides` apply to the
     model config (attention defaults to SDPA). The model is built in fp32, identified by `checkpoint_id`
     (independent of dtype and device), then cast once.
     """
     device = torch.device(device)
-    dtype = default_dtype(device) if dtype is None else dtype
+    dtype = resolve_dtype("auto", device) if dtype is None else dtype
     # No backward pass here: SDPA, unlike for training on CPU, is the faster attention (unless overridden).
     overrides = ["qformer.attn_impl=sdpa", *overrides, "vision.precision=fp32"]
     if Path(name_or_checkpoint).is_dir():

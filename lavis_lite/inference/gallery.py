@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .io import atomic_write_text
+from lavis_lite.io import atomic_write_text
 
 _MIME = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp"}
 

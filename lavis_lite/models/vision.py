@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import VisionConfig
+from lavis_lite.config import ConfigError, VisionConfig
+from lavis_lite.precision import DTYPES, resolve_dtype
+from lavis_lite.errors import MissingFileError
 
 # open_clip's OPENAI_DATASET_MEAN/STD (BLIP-2's image processor) and timm's ImageNet defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -25,14 +27,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 class FrozenVisionEncoder(nn.Module):
     """A frozen trunk: no grad, always eval, runs in `precision`; subclasses define the tokens.
 
-    `precision="auto"` is resolved on the first forward from the input's device (fp16 on CUDA, fp32
-    elsewhere) and the trunk is cast once; explicit precisions cast the trunk at construction.
+    `precision="auto"` is resolved on the first forward from the input's device (`lavis_lite.precision`: bf16
+    where the device runs it natively, else fp16 on CUDA and fp32 on CPU) and the trunk is cast once;
+    explicit precisions cast the trunk at construction.
     """
 
     width: int
@@ -43,8 +43,8 @@ class FrozenVisionEncoder(nn.Module):
         self, trunk: nn.Module, width: int, mean: Sequence[float], std: Sequence[float], precision: str
     ) -> None:
         super().__init__()
-        if precision != "auto" and precision not in _DTYPES:
-            raise ValueError(f"vision.precision must be one of auto, {', '.join(_DTYPES)}; got '{precision}'")
+        if precision != "auto":
+            resolve_dtype(precision, key="vision.precision")  # rejects an unknown name
         self.trunk = trunk
         self.width = int(width)
         self.mean = tuple(float(m) for m in mean)
@@ -52,7 +52,7 @@ class FrozenVisionEncoder(nn.Module):
         self.trunk.requires_grad_(False)
         self._precision_resolved = precision != "auto"
         if self._precision_resolved:
-            self.trunk.to(_DTYPES[precision])
+            self.trunk.to(DTYPES[precision])
         self.train(False)
 
     def train(self, mode: bool = True) -> FrozenVisionEncoder:
@@ -63,7 +63,7 @@ class FrozenVisionEncoder(nn.Module):
         """Normalised pixels `[B, 3, H, W]` -> float32 tokens `[B, N, width]`, computed without grad."""
         device_type = images.device.type
         if not self._precision_resolved:
-            self.trunk.to(torch.float16 if device_type == "cuda" else torch.float32)
+            self.trunk.to(resolve_dtype("auto", images.device))
             self._precision_resolved = True
         dtype = next(self.trunk.parameters()).dtype
         # A parent's autocast would override the trunk's precision: run the trunk as configured.
@@ -159,7 +159,7 @@ class EvaViT(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         if cfg.width % cfg.heads:
-            raise ValueError(f"vision.width ({cfg.width}) must be divisible by vision.heads ({cfg.heads})")
+            raise ConfigError(f"vision.width ({cfg.width}) must be divisible by vision.heads ({cfg.heads})")
         self.embeddings = _Embeddings(cfg)
         self.encoder = _Encoder(cfg)
 
@@ -225,7 +225,7 @@ class TimmEncoder(FrozenVisionEncoder):
         if self.extra_levels:
             width += sum(_level_channels(trunk, i, block_tokens) for i in self.extra_levels)
             if extra_levels_pool not in _POOLS:
-                raise ValueError(f"vision.extra_levels_pool='{extra_levels_pool}' is not one of {sorted(_POOLS)}")
+                raise ConfigError(f"vision.extra_levels_pool='{extra_levels_pool}' is not one of {sorted(_POOLS)}")
         super().__init__(trunk, width, mean, std, precision)
         self.block_tokens = block_tokens
         self.pool = _POOLS[extra_levels_pool]
@@ -267,7 +267,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     """A state dict from `.safetensors` or a torch file, unwrapping a top-level "state_dict"/"model" key."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"vision checkpoint not found: {path}")
+        raise MissingFileError(f"vision.checkpoint={path} not found: give a local weights file (the demo's: make demo-assets)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -280,19 +280,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 
 def _load_checkpoint_strict(model: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into `model`, raising a ValueError naming the path and any bad keys."""
+    """Load a local weights file into `model`, raising a ConfigError naming the path and any bad keys."""
     state = load_state_dict_file(path)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"vision checkpoint {path} does not match the model: "
             f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
         )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"vision checkpoint {path} does not match the model: {err}") from None
+        raise ConfigError(f"vision checkpoint {path} does not match the model: {err}") from None
 
 
 _POOLS = {"avg": F.adaptive_avg_pool2d, "max": F.adaptive_max_pool2d}
@@ -302,12 +302,12 @@ def _level_channels(trunk: nn.Module, index: int, block_tokens: bool) -> int:
     """Channels of feature level `index` of a CNN trunk; a clear error for trunks without such levels."""
     info = getattr(trunk, "feature_info", None)
     if block_tokens or not isinstance(info, list) or not hasattr(trunk, "forward_intermediates"):
-        raise ValueError(
+        raise ConfigError(
             f"vision.extra_levels needs a timm CNN with feature_info and forward_intermediates; "
             f"{type(trunk).__name__} is not one: set vision.extra_levels=[]"
         )
     if not 0 <= index < len(info) - 1:
-        raise ValueError(
+        raise ConfigError(
             f"vision.extra_levels: level {index} is not an earlier level of {type(trunk).__name__}, whose levels "
             f"are 0..{len(info) - 1} (strides {[f['reduction'] for f in info]}); the last is the tokens' own"
         )
@@ -368,7 +368,7 @@ def _build_open_clip(cfg: VisionConfig) -> FrozenVisionEncoder:
 
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         # open_clip would treat a non-file as a pretrained tag and try to download it.
-        raise FileNotFoundError(f"vision checkpoint not found (open_clip needs a local file): {cfg.checkpoint}")
+        raise MissingFileError(f"vision.checkpoint={cfg.checkpoint} not found: open_clip needs a local weights file")
     model = open_clip.create_model(
         cfg.name,
         pretrained=cfg.checkpoint,
@@ -392,7 +392,7 @@ def _build_open_clip(cfg: VisionConfig) -> FrozenVisionEncoder:
         )
     if isinstance(visual, VisionTransformer):
         return OpenCLIPViTEncoder(visual, cfg.drop_last_block, mean, std, cfg.precision)
-    raise ValueError(
+    raise ConfigError(
         f"open_clip model '{cfg.name}' has a {type(visual).__name__} image tower; "
         "supported: VisionTransformer and timm-backed towers (e.g. EVA01-g-14)"
     )
@@ -404,7 +404,7 @@ _BUILDERS = {"vit": ViTEncoder, "timm": _build_timm, "open_clip": _build_open_cl
 def build_vision_encoder(cfg: VisionConfig) -> FrozenVisionEncoder:
     """The frozen encoder for `cfg.kind` ("vit", "timm" or "open_clip")."""
     if cfg.kind not in _BUILDERS:
-        raise ValueError(f"unknown vision.kind '{cfg.kind}': expected one of {sorted(_BUILDERS)}")
+        raise ConfigError(f"unknown vision.kind '{cfg.kind}': expected one of {sorted(_BUILDERS)}")
     return _BUILDERS[cfg.kind](cfg)
 
 

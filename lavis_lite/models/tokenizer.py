@@ -6,11 +6,16 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from lavis_lite.errors import MissingFileError
+
 
 def build_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a local BERT tokenizer and add `[DEC]` as its bos token."""
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {path} (set qformer.tokenizer or qformer.bert)")
+        raise MissingFileError(
+            f"tokenizer directory not found: {path}: set qformer.tokenizer or qformer.bert to a BERT directory"
+            " (the demo's: make demo-assets)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(path), truncation_side="right")
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     return tokenizer

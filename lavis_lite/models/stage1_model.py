@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig
-from .distributed import gather_no_grad, gather_padded, gather_with_grad, world
-from .masks import build_attention_mask
-from .qformer import QFormer, load_bert_weights
-from .vision import build_vision_encoder
+from lavis_lite.config import ModelConfig
+from lavis_lite.distributed import gather_no_grad, gather_padded, gather_with_grad, world
+from lavis_lite.models.losses import itc_loss, itg_loss, itm_loss, sample_negatives
+from lavis_lite.models.masks import build_attention_mask
+from lavis_lite.models.qformer import QFormer
+from lavis_lite.models.vision import build_vision_encoder
 
 KNOWN_LOSSES = ("itc", "itm", "itg")
 
@@ -29,7 +30,7 @@ class Stage1Output:
 class Blip2Stage1(nn.Module):
     """BLIP-2's first stage (LAVIS `Blip2Qformer`): representation learning against a frozen image encoder.
 
-    Token ids follow the Q-Former tokenizer (`lavis_lite.tokenizer`): `[CLS]` first,
+    Token ids follow the Q-Former tokenizer (`lavis_lite.models.tokenizer`): `[CLS]` first,
     `bos_token_id` is `[DEC]`, which replaces `[CLS]` for the ITG pass.
     """
 
@@ -45,8 +46,6 @@ class Blip2Stage1(nn.Module):
         width = self.vision.width
         self.ln_vision = nn.LayerNorm(width)
         self.qformer = QFormer(cfg.qformer, encoder_width=width)
-        if cfg.qformer.bert:
-            load_bert_weights(self.qformer, cfg.qformer.bert)
         hidden = cfg.qformer.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, hidden) * 0.02)
         self.vision_proj = nn.Linear(hidden, cfg.embed_dim)
@@ -97,22 +96,22 @@ class Blip2Stage1(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor,
         images: Optional[Tensor] = None,
-        image_embeds: Optional[Tensor] = None,
+        vision_tokens: Optional[Tensor] = None,
         sample_ids: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Stage1Output:
         """The summed stage-1 losses for a batch of pairs.
 
-        Give `images` (pixels) or `image_embeds` (frozen encoder output before ln_vision, e.g.
+        Give `images` (pixels) or `vision_tokens` (the frozen encoder's output before ln_vision, e.g.
         from a feature cache). `sample_ids` marks pairs that share a caption or an image: with
         `caption_positives`, pairs with equal ids count as positives in ITC and are never drawn as ITM negatives.
         Across processes every rank must hold the same batch size.
         """
-        if image_embeds is None:
+        if vision_tokens is None:
             if images is None:
-                raise ValueError("give images (pixels) or image_embeds (frozen encoder tokens)")
-            image_embeds = self.vision(images)
-        image_embeds = self.ln_vision(image_embeds)
+                raise ValueError("give images (pixels) or vision_tokens (frozen encoder tokens)")
+            vision_tokens = self.vision(images)
+        image_embeds = self.ln_vision(vision_tokens)
         rank, _ = world()
         batch = input_ids.shape[0]
         if sample_ids is None or not self.cfg.caption_positives:
@@ -133,12 +132,7 @@ class Blip2Stage1(nn.Module):
         if "itc" in self.cfg.losses:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
-            targets = positives.float() / positives.sum(dim=1, keepdim=True)
-            smoothing = self.cfg.itc_label_smoothing
-            losses["itc"] = (
-                F.cross_entropy(sim_i2t / self.temp, targets, label_smoothing=smoothing)
-                + F.cross_entropy(sim_t2i / self.temp, targets, label_smoothing=smoothing)
-            ) / 2
+            losses["itc"] = itc_loss(sim_i2t, sim_t2i, positives, self.temp, self.cfg.itc_label_smoothing)
         if "itm" in self.cfg.losses:
             losses["itm"] = self._itm_loss(
                 image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, generator, aux
@@ -170,18 +164,15 @@ class Blip2Stage1(nn.Module):
         attention_mask_all = gather_padded(attention_mask, 0)
         image_embeds, input_ids, attention_mask = image_embeds[:count], input_ids[:count], attention_mask[:count]
         with torch.no_grad():
-            neg_image = _sample_negatives(sim_t2i[:count] / self.temp, positives[:count], generator)
-            neg_text = _sample_negatives(sim_i2t[:count] / self.temp, positives[:count], generator)
+            neg_image = sample_negatives(sim_t2i[:count] / self.temp, positives[:count], generator)
+            neg_text = sample_negatives(sim_i2t[:count] / self.temp, positives[:count], generator)
         text_len = max(input_ids.shape[1], input_ids_all.shape[1])
         ids = [F.pad(t, (0, text_len - t.shape[1]), value=self.pad_token_id) for t in (input_ids, input_ids_all)]
         masks = [F.pad(t, (0, text_len - t.shape[1]), value=0) for t in (attention_mask, attention_mask_all)]
         pair_ids = torch.cat([ids[0], ids[0], ids[1][neg_text]])
         pair_mask = torch.cat([masks[0], masks[0], masks[1][neg_text]])
         pair_images = torch.cat([image_embeds, image_embeds_all[neg_image], image_embeds])
-        logits = self.itm_logits(pair_images, pair_ids, pair_mask)
-        batch = input_ids.shape[0]
-        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
-        return F.cross_entropy(logits, labels)
+        return itm_loss(self.itm_logits(pair_images, pair_ids, pair_mask))
 
     def _itg_loss(self, input_ids: Tensor, attention_mask: Tensor, query_key_values: list) -> Tensor:
         """Causal LM loss on the text, attending to the image pass's query keys/values."""
@@ -192,14 +183,5 @@ class Blip2Stage1(nn.Module):
         # Position t predicts token t+1; the vocabulary projection runs on real (non-padding) targets only.
         predicts = attention_mask[:, 1:].bool()
         logits = self.qformer.lm_logits(text_out[:, :-1][predicts])
-        return F.cross_entropy(logits, decoder_ids[:, 1:][predicts], label_smoothing=self.cfg.itg_label_smoothing)
+        return itg_loss(logits, decoder_ids[:, 1:][predicts], self.cfg.itg_label_smoothing)
 
-
-def _sample_negatives(logits: Tensor, positives: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """One index per row drawn with probability softmax(logits) over the non-positive columns."""
-    logits = logits.float().masked_fill(positives, float("-inf"))
-    # A row whose every column is a positive has no negative: fall back to uniform.
-    no_negative = positives.all(dim=1, keepdim=True)
-    logits = torch.where(no_negative, torch.zeros_like(logits), logits)
-    probs = logits.softmax(dim=1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -7,27 +7,32 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from lavis_lite.distributed import reduce_max, world
+
 PairScorer = Callable[[Tensor, Tensor], Tensor]  # (image indices, text indices) -> ITM match logits
 
 
 def rerank_top_k(sim_i2t: Tensor, k: int, itm_scores: PairScorer) -> tuple[Tensor, Tensor]:
     """BLIP-2 re-ranking: the top k of each row (by ITC) get ITM logit + ITC score; others -inf.
 
-    Returns re-scored (image->text, text->image) matrices, both [N_img, N_txt] / [N_txt, N_img].
+    Returns re-scored (image->text, text->image) matrices, both [N_img, N_txt] / [N_txt, N_img]. Under a
+    process group each rank re-scores every world-th row and the ranks' rows are combined (LAVIS's
+    `compute_sim_matrix`); every rank gets the whole result.
     """
+    rank, size = world()
     k_i2t, k_t2i = min(k, sim_i2t.shape[1]), min(k, sim_i2t.shape[0])
     i2t = torch.full_like(sim_i2t, float("-inf"))
     top = sim_i2t.topk(k_i2t, dim=1).indices
-    for i in range(sim_i2t.shape[0]):
+    for i in range(rank, sim_i2t.shape[0], size):
         images = torch.full((k_i2t,), i, dtype=torch.long)
         i2t[i, top[i]] = itm_scores(images, top[i]).float() + sim_i2t[i, top[i]]
     sim_t2i = sim_i2t.t()
     t2i = torch.full_like(sim_t2i, float("-inf"))
     top = sim_t2i.topk(k_t2i, dim=1).indices
-    for t in range(sim_t2i.shape[0]):
+    for t in range(rank, sim_t2i.shape[0], size):
         texts = torch.full((k_t2i,), t, dtype=torch.long)
         t2i[t, top[t]] = itm_scores(top[t], texts).float() + sim_t2i[t, top[t]]
-    return i2t, t2i
+    return reduce_max(i2t), reduce_max(t2i)
 
 
 def retrieval_recall(

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import VisionConfig, to_dict
-from .io import atomic_write_text, recover_dir, replace_dir, staging_dir
-from .vision import FrozenVisionEncoder
+from lavis_lite.config import VisionConfig, to_dict
+from lavis_lite.config import ConfigError
+from lavis_lite.io import atomic_write_text, recover_dir, replace_dir, staging_dir
+from lavis_lite.models.vision import FrozenVisionEncoder
 
 MANIFEST = "manifest.json"
 
@@ -141,7 +142,7 @@ def cached_batches(
     """
     per_epoch = len(cache) // (batch_size * world_size)
     if per_epoch == 0:
-        raise ValueError(f"the cache holds {len(cache)} samples, fewer than one global batch of {batch_size * world_size}")
+        raise ConfigError(f"the cache holds {len(cache)} samples, fewer than one global batch of {batch_size * world_size}")
     n = start_batch
     while True:
         epoch, within = divmod(n, per_epoch)
@@ -149,5 +150,5 @@ def cached_batches(
         start = (within * world_size + rank) * batch_size
         idx = order[start : start + batch_size]
         texts = tokenize([cache.captions[i] for i in idx.tolist()])
-        yield {"image_embeds": cache.tokens(idx), **texts}
+        yield {"vision_tokens": cache.tokens(idx), **texts}
         n += 1

@@ -23,13 +23,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .config import ConfigError, LanguageModelConfig
-from .io import recover_dir, replace_dir, staging_dir
-from .precision import resolve_dtype
+from lavis_lite.config import ConfigError, LanguageModelConfig
+from lavis_lite.io import recover_dir, replace_dir, staging_dir
+from lavis_lite.models.losses import IGNORE
+from lavis_lite.precision import resolve_dtype
 
-log = logging.getLogger("lavis_lite.llm")
+log = logging.getLogger("lavis_lite.models.llm")
 
-IGNORE = -100  # label of positions that carry no loss
 
 
 def dequantised_copy(gguf: Path, cache_dir: Path) -> Path:

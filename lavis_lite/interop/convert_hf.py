@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import Tensor
 
-from .config import ModelConfig, QFormerConfig, Stage2ModelConfig, VisionConfig
+from lavis_lite.config import ModelConfig, QFormerConfig, Stage2ModelConfig, VisionConfig
 
 if TYPE_CHECKING:
     from transformers import Blip2Config, PretrainedConfig

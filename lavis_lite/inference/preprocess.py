@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .data.transforms import PairTransform
-from .stage2_model import Blip2Stage2
+from lavis_lite.data.transforms import PairTransform
+from lavis_lite.errors import UserError
+from lavis_lite.models.stage2_model import Blip2Stage2
 
 ImageInput = Union[Image.Image, str, Path]
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import atomic_path
+from lavis_lite.io import atomic_path
 
 LOSS_KEYS = ("loss", "itc", "itm", "itg", "lm")
 

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-
-import torch
 from typing import Optional, Sequence
 
+import torch
+from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
 
-from omegaconf import OmegaConf
-
-from .checkpoint import CONFIG, load_trainable_state_dict, load_weights, resolve_checkpoint
-from .config import ConfigError, ModelConfig, Stage2ModelConfig, load_model_config, merge_config, named_config, to_dict
-from .llm import load_language_model
-from .qformer import load_bert_weights
-from .stage1_model import Blip2Stage1
-from .stage2_model import Blip2Stage2
-from .tokenizer import build_tokenizer
+from lavis_lite.checkpoint import CONFIG, load_trainable_state_dict, load_weights, resolve_checkpoint
+from lavis_lite.config import ConfigError, ModelConfig, Stage2ModelConfig, load_model_config, merge_config, named_config, to_dict
+from lavis_lite.models.llm import load_language_model
+from lavis_lite.models.qformer import load_bert_weights
+from lavis_lite.models.stage1_model import Blip2Stage1
+from lavis_lite.models.stage2_model import Blip2Stage2
+from lavis_lite.models.tokenizer import build_tokenizer
 
 
 def resolve_model_config(model: str | Path | ModelConfig, overrides: Sequence[str] = ()) -> ModelConfig:
@@ -42,13 +41,21 @@ def create_model(
     cfg = resolve_model_config(model, overrides)
     tokenizer = create_tokenizer(cfg)
     if tokenizer is None:
-        return Blip2Stage1(cfg), None
+        return _with_bert_weights(Blip2Stage1(cfg)), None
     if len(tokenizer) != cfg.qformer.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"qformer.vocab_size={cfg.qformer.vocab_size} but the tokenizer has {len(tokenizer)} tokens "
             f"(with [DEC]): set qformer.vocab_size={len(tokenizer)}"
         )
-    return Blip2Stage1(cfg, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id), tokenizer
+    model = Blip2Stage1(cfg, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return _with_bert_weights(model), tokenizer
+
+
+def _with_bert_weights(model: Blip2Stage1) -> Blip2Stage1:
+    """The Q-Former initialised from `qformer.bert` where it is set (BLIP-2 starts from BERT-base)."""
+    if model.cfg.qformer.bert:
+        load_bert_weights(model.qformer, model.cfg.qformer.bert)
+    return model
 
 
 def load_stage1_checkpoint(
@@ -84,10 +91,36 @@ def create_stage2_model(
     llm, tokenizer = load_language_model(cfg.llm, device)
     stage2 = Blip2Stage2(cfg, llm, tokenizer)
     if cfg.stage1_checkpoint:
-        stage2.load_stage1(cfg.stage1_checkpoint)
+        load_stage1_weights(stage2, cfg.stage1_checkpoint)
     elif cfg.qformer.bert:
         load_bert_weights(stage2.qformer, cfg.qformer.bert)
     return stage2.to(device).eval()
+
+
+# The parts of a stage-1 checkpoint that stage 2 starts from (its ITC/ITM/ITG heads are not used).
+STAGE1_PREFIXES = ("ln_vision.", "query_tokens", "qformer.")
+# The text side of a stage-1 Q-Former, which stage 2 does not hold.
+STAGE1_TEXT_SIDE = re.compile(r"^qformer\.(embeddings\.(word|position)\.|layers\.\d+\.ffn_text\.|lm_head\.)")
+
+
+def load_stage1_weights(model: Blip2Stage2, checkpoint: str | Path) -> None:
+    """Start a stage-2 model from a trained stage-1 Q-Former: its ln_vision, queries and query-side weights."""
+    path = resolve_checkpoint(checkpoint)
+    state = {k: v for k, v in load_weights(path).items() if k.startswith(STAGE1_PREFIXES)}
+    own = model.state_dict()
+    ours = {k for k in own if k.startswith(STAGE1_PREFIXES)}
+    missing = sorted(ours - set(state))
+    if missing:
+        raise ConfigError(f"stage-1 checkpoint {path} lacks {missing[:5]}: is it a stage-1 checkpoint of this Q-Former?")
+    unexpected = sorted(k for k in set(state) - ours if not STAGE1_TEXT_SIDE.match(k))
+    if unexpected:
+        raise ConfigError(f"stage-1 checkpoint {path} does not fit model.qformer: this model has no {unexpected[:3]}")
+    mismatched = [k for k in ours if state[k].shape != own[k].shape]
+    if mismatched:
+        raise ConfigError(
+            f"stage-1 checkpoint {path} does not fit model.qformer / model.vision: shapes differ for {mismatched[:3]}"
+        )
+    model.load_state_dict({k: state[k] for k in ours}, strict=False)
 
 
 def load_stage2_checkpoint(

@@ -1,0 +1,1 @@
+"""Named model configs (`model/`) and the training and retrieval recipes, installed as `lavis_lite.configs`."""

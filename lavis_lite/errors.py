@@ -1,0 +1,14 @@
+"""The one base for mistakes the user can fix: command-line programs print them as one `error:` line and exit 2;
+anything else is a bug in lavis_lite and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A problem with the user's input (config, file, image, index, checkpoint), phrased so that they can fix it.
+
+    A ValueError, so that library callers may catch bad values the usual way."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named (in a config key or an argument) does not exist."""

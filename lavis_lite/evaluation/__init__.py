@@ -1,0 +1,1 @@
+"""Held-out metrics: retrieval recall with ITM re-ranking, query diversity."""

@@ -1,0 +1,1 @@
+"""Using trained models: LAVIS-style feature extraction, image preprocessing and captioning, HTML galleries."""

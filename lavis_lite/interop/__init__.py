@@ -1,0 +1,1 @@
+"""Weights in other layouts: transformers' BLIP-2 classes."""

@@ -1,0 +1,1 @@
+"""The one training loop, its config and its loss-curve plot."""
