@@ -62,11 +62,12 @@ $(DEMO_INDEX)/manifest.json: runs/stage1-demo/checkpoints/latest configs/retriev
 search: $(DEMO_INDEX)/manifest.json
 	$(RUN_ENV) $(CLI) search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) "$(Q)"
 
-# The embedded default end to end: stage 1 (held-out retrieval), stage 2 (held-out captions), then the retrieval
+# The embedded default end to end, afresh (an earlier demo's runs are replaced): stage 1 (held-out retrieval),
+# stage 2 (held-out captions), then the retrieval
 # index of the held-out images and a few text searches (the hits also in runs/retrieval-demo/search.html).
 demo: demo-assets
-	$(RUN_ENV) $(CLI) train-stage1 --config configs/stage1/demo.yaml
-	$(RUN_ENV) $(CLI) train-stage2 --config configs/stage2/demo.yaml
+	$(RUN_ENV) $(CLI) train-stage1 --config configs/stage1/demo.yaml --overwrite
+	$(RUN_ENV) $(CLI) train-stage2 --config configs/stage2/demo.yaml --overwrite
 	$(RUN_ENV) $(CLI) index --config configs/retrieval/demo.yaml resume=false
 	$(RUN_ENV) $(CLI) search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) \
 		"a red circle" "a large blue square on the left" "a small yellow star above a large green triangle"

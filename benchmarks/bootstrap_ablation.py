@@ -34,7 +34,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
+from lavis_lite.checkpoint import CONFIG, checkpoints, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1_RECIPE = "configs/stage1/demo.yaml"
@@ -98,6 +98,7 @@ def run(module: str, recipe: str, output_dir: Path, overrides: list[str]) -> dic
                 sys.exit(f"error: {output_dir} was run with {key}={had}, not {wanted}: move it away or give another --out")
     else:
         command = [sys.executable, "-m", module, "--config", recipe, f"train.output_dir={output_dir}", *overrides]
+        command += ["--resume"] if checkpoints(output_dir) else []  # a run killed before its metrics continues
         print("$", " ".join(command), flush=True)
         subprocess.run(command, cwd=ROOT, check=True)
     return json.loads(metrics.read_text())

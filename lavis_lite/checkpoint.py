@@ -4,12 +4,14 @@
                                      /training_state.pt   optimizer, scheduler, RNG, data position, counters
                                      /config.yaml         the full run config
     run_dir/checkpoints/latest                            name of the newest complete checkpoint
+
+The training state holds tensors, numbers, strings and containers only and is read with
+`torch.load(weights_only=True)`, which builds nothing else: a planted pickle cannot run code.
 """
 
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,9 +45,11 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor], 
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state, numpy's array as a tensor (so the state loads with `weights_only=True`)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -53,7 +57,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # checkpoints before the tensor form
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -65,9 +71,8 @@ def save_checkpoint(
     model: nn.Module,
     training_state: dict[str, Any],
     config: Any,
-    keep: int = 2,
 ) -> Path:
-    """Write `checkpoints/step-N` atomically (temp dir + rename), point `latest` at it, prune old ones."""
+    """Write `checkpoints/step-N` atomically (temp dir + rename) and point `latest` at it."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -77,18 +82,29 @@ def save_checkpoint(
     (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
     replace_dir(tmp, final)
     atomic_write_text(root / "latest", final.name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old)
     return final
 
 
+def _complete(path: Path) -> bool:
+    return (path / WEIGHTS).is_file() and (path / STATE).is_file()
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and _complete(p)) if root.is_dir() else []
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run, or None."""
+    """The checkpoint `latest` names where it is complete, else the newest complete one (after the newest was
+    deleted to roll back, say), or None."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / WEIGHTS).is_file() and (path / STATE).is_file() else None
+    if pointer.is_file():
+        named = pointer.parent / pointer.read_text().strip()
+        if named.name.startswith("step-") and _complete(named):
+            return named
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -107,5 +123,25 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(checkpoint) / WEIGHTS))
 
 
+# Older checkpoints hold numpy's RNG array itself: these are the only globals their states need, and they
+# rebuild arrays, nothing else.
+_reconstruct = np.ndarray(0).__reduce__()[0]
+_OLD_STATE_GLOBALS = [
+    _reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))
+]
+
+
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(Path(checkpoint) / STATE, map_location="cpu", weights_only=False)
+    """The optimizer, scheduler, RNG and counters of a checkpoint, read without running any code from it."""
+    path = Path(checkpoint) / STATE
+    try:
+        with torch.serialization.safe_globals(_OLD_STATE_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on foreign bytes
+        raise ConfigError(
+            f"{path} is not a training state lavis_lite wrote ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+            "resume from another checkpoint, or start the run again"
+        ) from None
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
+        raise ConfigError(f"{path} is not a training state lavis_lite wrote: resume from another checkpoint")
+    return state

@@ -22,7 +22,7 @@ from typing import BinaryIO, Callable, Iterator
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """`write` a temporary file next to `path`, fsync it and rename it over `path` (mode 0644)."""
+    """`write` a temporary file next to `path`, fsync it and rename it over `path` (mode as open() gives)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -45,7 +45,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make results unreadable to anyone else
+        os.chmod(tmp, _mode(0o666))  # mkstemp's 0600 would make results unreadable to anyone else
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -56,7 +56,16 @@ def staging_dir(final: str | Path) -> Path:
     """A new empty directory next to `final` to build its replacement in."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    os.chmod(staged, _mode(0o777))  # mkdtemp's 0700 would hide results (checkpoints, indexes) from others
+    return staged
+
+
+def _mode(full: int) -> int:
+    """`full` less the process's umask: the mode open() and mkdir() give the other results."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
 
 
 def replace_dir(new: str | Path, final: str | Path) -> None:

@@ -19,7 +19,8 @@ from lavis_lite.config import ConfigError
 from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
 from lavis_lite.models.factory import create_model
-from lavis_lite.training.train_loop import train
+from lavis_lite.training.train_config import training_parser
+from lavis_lite.training.train_loop import check_run_dir, train
 
 from .config import Stage1Config, load_stage1_config
 from .data import stage1_data
@@ -30,8 +31,10 @@ DEFAULT_CONFIG = "stage1/demo"
 log = logging.getLogger("lavis_lite.stage1")
 
 
-def run(cfg: Stage1Config, resume: bool = False) -> dict:
-    """Train and evaluate; returns the final metrics (also in `<output_dir>/metrics.json`)."""
+def run(cfg: Stage1Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train and evaluate; returns the final metrics (also in `<output_dir>/metrics.json`). `resume` continues the
+    run in `train.output_dir`; `overwrite` replaces an earlier run there (see `lavis_lite.training.train_loop.train`)."""
+    check_run_dir(cfg.train, resume, overwrite)  # before the slow set-up
     PartialState(cpu=not torch.cuda.is_available())  # joins the process group before data is split by rank
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = create_model(cfg.model)
@@ -49,6 +52,7 @@ def run(cfg: Stage1Config, resume: bool = False) -> dict:
         evaluate=lambda m: evaluate_retrieval(m, tokenizer, held, cfg.eval, cfg.model.max_text_len),
         run_config=cfg,
         resume=resume,
+        overwrite=overwrite,
         observer=skipped,
         find_unused_parameters=set(cfg.model.losses) != {"itc", "itm", "itg"},
     )
@@ -58,22 +62,14 @@ def run(cfg: Stage1Config, resume: bool = False) -> dict:
 
 
 def build_parser(prog: str = "lavis-lite train-stage1") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        help=f"stage-1 recipe: a YAML path or a packaged name such as stage1/paper-vitg (default: {DEFAULT_CONFIG})",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.batch_size=64")
-    return parser
+    return training_parser(prog, __doc__, DEFAULT_CONFIG, "stage1/paper-vitg", "train.steps=100 data.batch_size=64")
 
 
 def main(argv: list[str] | None = None, prog: str = "lavis-lite train-stage1") -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        metrics = run(load_stage1_config(args.config, args.overrides), resume=args.resume)
+        metrics = run(load_stage1_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

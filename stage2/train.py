@@ -25,7 +25,8 @@ from lavis_lite.errors import UserError
 from lavis_lite.models.factory import create_stage2_model
 from lavis_lite.inference.gallery import GalleryItem, write_gallery
 from lavis_lite.precision import resolve_autocast
-from lavis_lite.training.train_loop import train
+from lavis_lite.training.train_config import training_parser
+from lavis_lite.training.train_loop import check_run_dir, train
 
 from .config import Stage2Config, load_stage2_config
 from .evaluate import evaluate_captions
@@ -35,8 +36,10 @@ DEFAULT_CONFIG = "stage2/demo"
 log = logging.getLogger("lavis_lite.stage2")
 
 
-def run(cfg: Stage2Config, resume: bool = False) -> dict:
-    """Train and evaluate; returns the final metrics (also in `<output_dir>/metrics.json`)."""
+def run(cfg: Stage2Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train and evaluate; returns the final metrics (also in `<output_dir>/metrics.json`). `resume` continues the
+    run in `train.output_dir`; `overwrite` replaces an earlier run there (see `lavis_lite.training.train_loop.train`)."""
+    check_run_dir(cfg.train, resume, overwrite)  # before the slow set-up
     state = PartialState(cpu=not torch.cuda.is_available())  # joins the process group before data is split by rank
     torch.manual_seed(cfg.train.seed)
     if cfg.model.llm.cache_dir is None:
@@ -61,6 +64,7 @@ def run(cfg: Stage2Config, resume: bool = False) -> dict:
         evaluate=lambda m: evaluate_captions(m, held, cfg.eval, text),
         run_config=cfg,
         resume=resume,
+        overwrite=overwrite,
         observer=skipped,
     )
     log.info("data: %s", skipped.summary())
@@ -115,23 +119,15 @@ def caption_report(metrics: dict) -> str:
 
 
 def build_parser(prog: str = "lavis-lite train-stage2") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        help=f"stage-2 recipe: a YAML path or a packaged name such as stage2/paper-opt2.7b (default: {DEFAULT_CONFIG})",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=100 data.batch_size=8")
-    return parser
+    return training_parser(prog, __doc__, DEFAULT_CONFIG, "stage2/paper-opt2.7b", "train.steps=100 data.batch_size=8")
 
 
 def main(argv: list[str] | None = None, prog: str = "lavis-lite train-stage2") -> int:
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_stage2_config(args.config, args.overrides)
-        metrics = run(cfg, resume=args.resume)
+        metrics = run(cfg, resume=args.resume, overwrite=args.overwrite)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -118,3 +118,17 @@ def test_io_imports_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_written_files_and_directories_get_the_modes_of_other_results(tmp_path):
+    """Not mkstemp's 0600 nor mkdtemp's 0700: what open() and mkdir() give under the process's umask."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain.txt").write_text("x")
+    io.atomic_write_text(tmp_path / "atomic.txt", "x")
+    staged = io.staging_dir(tmp_path / "result")
+    (staged / "inside.txt").write_text("x")
+    io.replace_dir(staged, tmp_path / "result")
+    mode = lambda p: p.stat().st_mode & 0o777
+    assert mode(tmp_path / "atomic.txt") == mode(tmp_path / "plain.txt")
+    assert mode(tmp_path / "result") == mode(tmp_path / "plain")
+    assert mode(tmp_path / "plain") != 0o700

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,3 +41,19 @@ class TrainConfig:
     max_nonfinite: int = 50  # abort after this many consecutive steps with a non-finite loss
     time_limit_minutes: Optional[float] = None  # stop (after a checkpoint) once training has run this long
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def training_parser(prog: str, description: str, default_config: str, example: str, overrides: str) -> argparse.ArgumentParser:
+    """The command line both training programs share: a recipe, `--resume` / `--overwrite`, `key=value`s
+    (in any order: parse with `parse_intermixed_args`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help=f"recipe: a YAML path or a packaged name such as {example} (default: {default_config})",
+    )
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--resume", action="store_true", help="continue the run directory's newest complete checkpoint")
+    runs.add_argument("--overwrite", action="store_true", help="start afresh where an earlier run's checkpoints are (deletes them)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {overrides}")
+    return parser

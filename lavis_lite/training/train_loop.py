@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lavis_lite.checkpoint import (
+    checkpoints,
     latest_checkpoint,
     load_training_state,
     load_trainable_state_dict,
@@ -32,6 +34,7 @@ from lavis_lite.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from lavis_lite.config import ConfigError
 from lavis_lite.io import atomic_write_text
 from lavis_lite.training.plots import plot_loss_curve
 from lavis_lite.precision import resolve_autocast
@@ -133,13 +136,17 @@ def train(
     resume: bool = False,
     observer: Optional[BatchObserver] = None,
     find_unused_parameters: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train `model` for `cfg.steps` optimizer steps; returns the final step and evaluation metrics.
 
     `evaluate` runs on every process (it splits its work across ranks) every `cfg.eval_every` steps and at the
-    end; `run_config` is saved with each checkpoint; `resume` continues from the run directory's latest checkpoint.
+    end; `run_config` is saved with each checkpoint. `resume` continues from the run directory's newest complete
+    checkpoint (ConfigError when it has none). A run directory that holds an earlier run's checkpoints is
+    refused unless `resume`, or `overwrite` (which deletes that run's checkpoints and logs first). A run deletes
+    only checkpoints it wrote itself, keeping its newest `cfg.keep_checkpoints`.
     """
-    run = _Run.start(cfg, model, run_config, observer, find_unused_parameters)
+    run = _Run.start(cfg, model, run_config, observer, find_unused_parameters, resume, overwrite)
     step, nonfinite_total = run.resume() if resume else (0, 0)
     run.prepare()
     stream = batches(step * cfg.grad_accum)
@@ -183,6 +190,23 @@ def train(
     return TrainResult(step, metrics, nonfinite_total, train_seconds)
 
 
+def check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> list[Path]:
+    """The earlier run's complete checkpoints in `cfg.output_dir`, once it is clear that this run may go on
+    there: ConfigError for `resume` without a checkpoint, or for an earlier run's checkpoints without
+    `resume` or `overwrite`. Programs call it before their slow set-up; `train` calls it again."""
+    run_dir = Path(cfg.output_dir)
+    earlier = checkpoints(run_dir)
+    if resume and not earlier:
+        raise ConfigError(f"--resume: {run_dir} holds no complete checkpoint to resume from: drop --resume to start the run")
+    if not resume and earlier and not overwrite:
+        raise ConfigError(
+            f"{run_dir} holds the checkpoints of an earlier run (newest: {earlier[-1].name}): continue it with "
+            "--resume, start afresh with --overwrite (deletes its checkpoints and logs), or set "
+            "train.output_dir to another directory"
+        )
+    return earlier
+
+
 @dataclass
 class _Run:
     """One training run's parts (accelerator, model, optimizer, schedule, run directory) and what it does with
@@ -198,12 +222,21 @@ class _Run:
     observer: Optional[BatchObserver]
     unwrapped: Optional[nn.Module] = None
     writer: Any = None
+    written: list[Path] = field(default_factory=list)  # the checkpoints this run wrote, oldest first
 
     @classmethod
     def start(
-        cls, cfg: TrainConfig, model: nn.Module, run_config: Any, observer: Optional[BatchObserver], find_unused: bool
+        cls,
+        cfg: TrainConfig,
+        model: nn.Module,
+        run_config: Any,
+        observer: Optional[BatchObserver],
+        find_unused: bool,
+        resume: bool,
+        overwrite: bool,
     ) -> "_Run":
         run_dir = Path(cfg.output_dir)
+        earlier = check_run_dir(cfg, resume, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
         precision = resolve_autocast(cfg.precision)
         accelerator = Accelerator(
@@ -211,6 +244,10 @@ class _Run:
             mixed_precision=precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
         )
+        accelerator.wait_for_everyone()  # every rank has looked at the run directory before it changes
+        if earlier and not resume and accelerator.is_main_process:  # overwrite
+            _clear_run(run_dir)
+        accelerator.wait_for_everyone()
         _setup_logging(run_dir, accelerator.is_main_process)
         log.info("precision: %s (train.precision=%s), %d process(es)", precision, cfg.precision, accelerator.num_processes)
         set_seed(cfg.seed + accelerator.process_index)
@@ -233,9 +270,6 @@ class _Run:
     def resume(self) -> tuple[int, int]:
         """Load the run directory's latest checkpoint; returns its step and non-finite step count."""
         checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is None:
-            log.warning("--resume: no checkpoint in %s, starting from step 0", self.run_dir)
-            return 0, 0
         load_trainable_state_dict(self.model, load_weights(checkpoint), str(checkpoint))
         state = load_training_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -307,7 +341,7 @@ class _Run:
             states = [None] * self.accelerator.num_processes
             dist.all_gather_object(states, rng_state())
         if self.is_main:
-            save_checkpoint(
+            saved = save_checkpoint(
                 self.run_dir,
                 step,
                 self.unwrapped,
@@ -320,8 +354,11 @@ class _Run:
                     "observer": self.observer.state_dict() if self.observer is not None else None,
                 },
                 self.run_config if self.run_config is not None else self.cfg,
-                keep=self.cfg.keep_checkpoints,
             )
+            self.written.append(saved)
+            for old in self.written[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+            self.written = self.written[-self.cfg.keep_checkpoints :]
             if (self.run_dir / "metrics.jsonl").is_file():
                 plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
         self.accelerator.wait_for_everyone()
@@ -333,6 +370,14 @@ class _Run:
         if self.writer is not None:
             self.writer.close()
         self.accelerator.end_training()
+
+
+def _clear_run(run_dir: Path) -> None:
+    """An earlier run's checkpoints and logs, deleted for `overwrite` (other files, e.g. an LLM cache, stay)."""
+    for name in ("checkpoints", "tensorboard"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "metrics.json", "loss_curve.png", "train.log"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
