@@ -15,11 +15,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lavis_lite.demo.assets import minilm_bert_dir  # noqa: E402
 from lavis_lite.data import DataConfig, PairTransform  # noqa: E402
 from lavis_lite.data.samples import Collator, make_loader  # noqa: E402
-from lavis_lite.demo.synthetic import generate  # noqa: E402
 from lavis_lite.data.webdataset_pipeline import build_wds_pipeline  # noqa: E402
+from lavis_lite.demo.assets import minilm_bert_dir  # noqa: E402
+from lavis_lite.demo.synthetic import generate  # noqa: E402
 from lavis_lite.models.tokenizer import build_tokenizer  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as EfficientNet-Lite0 uses

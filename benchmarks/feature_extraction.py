@@ -22,8 +22,8 @@ import torch
 import yaml
 from transformers import Blip2TextModelWithProjection, Blip2VisionModelWithProjection
 
-from lavis_lite.interop.convert_hf import hf_retrieval_config, to_hf_retrieval
 from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.interop.convert_hf import hf_retrieval_config, to_hf_retrieval
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

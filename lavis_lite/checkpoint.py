@@ -119,8 +119,32 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise MissingFileError(f"no checkpoint at {path}: give a run directory or a checkpoints/step-N directory")
 
 
+def read_state_dict(path: str | Path, setting: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` or torch weights file, read without running code from it (torch files
+    with `weights_only=True`), a top-level `state_dict` / `model` entry unwrapped (LAVIS's `.pth` files).
+    MissingFileError / ConfigError name `setting` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{setting}={path} not found: give a local weights file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise many types
+        raise ConfigError(
+            f"{setting}={path} is not a readable weights file ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"{setting}={path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
 def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(checkpoint) / WEIGHTS))
+    """The trainable weights of one of our checkpoints."""
+    return read_state_dict(Path(checkpoint) / WEIGHTS, "checkpoint")
 
 
 # Older checkpoints hold numpy's RNG array itself: these are the only globals their states need, and they

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lavis_lite.errors import UserError
 
@@ -183,7 +183,7 @@ def merge_config(schema: type, sources: Sequence[str | Path | dict], overrides: 
             path = Path(source)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append((OmegaConf.load(path), str(path)))
+            layers.append((_load_yaml(path), str(path)))
         else:
             layers.append((OmegaConf.create(source), "config dict"))
     for values, source in layers:
@@ -196,6 +196,31 @@ def merge_config(schema: type, sources: Sequence[str | Path | dict], overrides: 
         # A mapping given on the command line replaces the recipe's (`train.optim.lr_scale={}` clears it).
         _checked(lambda: OmegaConf.update(merged, key, value, merge=not _is_mapping(valid.get(key))), source)
     return OmegaConf.to_object(merged)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """A YAML file that is a mapping of config keys; ConfigError naming the file (and line) otherwise."""
+    try:
+        loaded = OmegaConf.load(path)
+    except OSError:  # omegaconf's answer to YAML that loads as a scalar
+        raise ConfigError(f"{path} is not a mapping: a config file maps keys to values (e.g. `train:` then `steps: 100`)") from None
+    except Exception as err:  # yaml's parser errors and UnicodeDecodeError on binary files
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix the file or give another --config") from None
+    if not isinstance(loaded, DictConfig):
+        kind = "a list" if isinstance(loaded, ListConfig) else "not a mapping"
+        raise ConfigError(f"{path} is {kind}: a config file maps keys to values (e.g. `train:` then `steps: 100`)")
+    return loaded
+
+
+def at_least(section: str, config: Any, **minimums: int) -> None:
+    """ConfigError naming `section.key` for the first field of `config` below its minimum."""
+    for key, minimum in minimums.items():
+        value = getattr(config, key)
+        if value < minimum:
+            raise ConfigError(f"{section}.{key}={value}: must be at least {minimum}")
 
 
 def _checked(apply: Callable[[], Any], source: str) -> Any:

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from lavis_lite.errors import UserError
+
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """`write` a temporary file next to `path`, fsync it and rename it over `path` (mode as open() gives)."""
@@ -107,3 +109,18 @@ def _exchange(a: Path, b: Path) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def check_writable(path: str | Path, setting: str) -> None:
+    """UserError naming `setting` unless a file can be written at `path` (checked before long work, not after):
+    not a directory, no file where a parent directory should be, and the nearest existing parent writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{setting} {path} is a directory: give a file path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{setting} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{setting} {path}: {parent} is not writable")

@@ -1,4 +1,4 @@
-"""Build a retrieval index: `python -m retrieval.build [--config YAML] [key=value ...]`.
+"""Build a retrieval index: `lavis-lite index [--config YAML] [key=value ...]`.
 
 Embeds a corpus (webdataset shards, an image folder, or a Karpathy JSON / JSONL / CSV annotation file; see
 retrieval/corpus.py) with a stage-1 model and writes a FAISS index with per-item metadata to `output_dir`:
@@ -10,9 +10,9 @@ The index is written in chunks of `chunk_size` corpus images: run the same comma
 interruption and it continues with the first unfinished chunk.
 
 examples:
-  python -m retrieval.build --config configs/retrieval/demo.yaml
-  python -m retrieval.build --config configs/retrieval/demo.yaml target=text output_dir=runs/retrieval-demo/text-index
-  python -m retrieval.build checkpoint=runs/stage1 corpus.path=photos/ output_dir=runs/photos-index device=cuda
+  lavis-lite index --config configs/retrieval/demo.yaml
+  lavis-lite index --config configs/retrieval/demo.yaml target=text output_dir=runs/retrieval-demo/text-index
+  lavis-lite index checkpoint=runs/stage1 corpus.path=photos/ output_dir=runs/photos-index device=cuda
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ class CorpusConfig:
 
 @dataclass
 class BuildConfig:
-    """`python -m retrieval.build`: embed a corpus with a stage-1 model and write a retrieval index."""
+    """`lavis-lite index`: embed a corpus with a stage-1 model and write a retrieval index."""
 
     checkpoint: str = ""  # stage-1 run or checkpoint directory (or any name `load_model_and_preprocess` takes)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)

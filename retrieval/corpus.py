@@ -19,7 +19,7 @@ import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lavis_lite.data.annotations import Record, read_karpathy, read_table
 from lavis_lite.data.samples import (
+    CAPTION_NOT_UTF8,
     CORRUPT_IMAGE,
     EMPTY_CAPTION,
     MISSING_CAPTION,
@@ -36,7 +37,7 @@ from lavis_lite.data.samples import (
     SkipCounter,
     SkipLog,
 )
-from lavis_lite.data.transforms import clean_caption
+from lavis_lite.data.transforms import clean_caption, to_rgb
 from lavis_lite.data.webdataset_pipeline import IMAGE_EXTENSIONS, list_shards, sample_caption
 from lavis_lite.errors import UserError
 from lavis_lite.inference.preprocess import ImageError, open_image
@@ -44,6 +45,7 @@ from lavis_lite.inference.preprocess import ImageError, open_image
 CORPUS_KINDS = ("auto", "shards", "folder", "karpathy", "table")
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 Locator = dict[str, Any]  # {"path": str} or {"shard": str, "offset": int, "size": int}
+MAX_ITEM_BYTES = 256 << 20  # the most one item's encoded image may take in a shard
 ImageProcessor = Callable[[Image.Image], Tensor]  # a model's eval transform: PIL image -> [3, S, S]
 
 
@@ -81,8 +83,34 @@ def read_item_bytes(locator: Locator) -> bytes:
     return data
 
 
-def open_item_image(locator: Locator) -> Image.Image:
-    """An entry's image, decoded in RGB; `ImageError` naming where it was when it is missing or unreadable."""
+def corpus_roots(described: dict[str, Any]) -> list[str]:
+    """The folders an index's items may be read from (its manifest's `corpus`): the corpus folder, or the folder
+    of its shards or annotation file, and the image root."""
+    roots = [described["path"] if os.path.isdir(described["path"]) else os.path.dirname(described["path"])]
+    roots += [described["image_root"]] if described.get("image_root") else []
+    return [os.path.normpath(os.path.abspath(root)) for root in roots]
+
+
+def _check_locator(locator: Locator, roots: Sequence[str]) -> None:
+    """ImageError unless `locator` names a file under one of `roots` (metadata is data, not paths to trust) and,
+    for a shard member, a plausible offset and size."""
+    target = locator.get("path", locator.get("shard")) if isinstance(locator, dict) else None
+    if not isinstance(target, str):
+        raise ImageError(f"index metadata holds a malformed locator {str(locator)[:200]}: rebuild the index")
+    resolved = os.path.normpath(os.path.abspath(target))
+    if not any(resolved == root or resolved.startswith(root + os.sep) for root in roots):
+        raise ImageError(f"index metadata names {target}, outside its corpus ({', '.join(roots)}): not opened")
+    if "shard" in locator:
+        offset, size = locator.get("offset"), locator.get("size")
+        if not (isinstance(offset, int) and isinstance(size, int) and offset >= 0 and 0 < size <= MAX_ITEM_BYTES):
+            raise ImageError(f"index metadata gives {target} an implausible offset {offset} / size {size}: rebuild the index")
+
+
+def open_item_image(locator: Locator, roots: Optional[Sequence[str]] = None) -> Image.Image:
+    """An entry's image, decoded in RGB; `ImageError` naming where it was when it is missing or unreadable.
+    With `roots` (`corpus_roots` of an index) the locator must point inside them."""
+    if roots is not None:
+        _check_locator(locator, roots)
     if "path" in locator:
         return open_image(locator["path"])
     name = describe_locator(locator)
@@ -94,7 +122,7 @@ def open_item_image(locator: Locator) -> Image.Image:
         raise ImageError(f"cannot read image {name}: {err}") from None
     try:
         with Image.open(io.BytesIO(data)) as raw:
-            return raw.convert("RGB")
+            return to_rgb(raw)
     except Exception as err:  # PIL raises many types on bad bytes
         raise ImageError(f"cannot read image {name}: {err or type(err).__name__} (is it a valid image?)") from None
 
@@ -239,7 +267,12 @@ class Corpus:
                     if image is None:
                         self._skip(skipped, key, MISSING_IMAGE)
                         continue
-                    yield key, {"shard": shard, "offset": image.offset_data, "size": image.size}, [sample_caption(texts)]
+                    try:
+                        captions = [sample_caption(texts)]
+                    except UnicodeDecodeError:
+                        self._skip(skipped, key, CAPTION_NOT_UTF8)
+                        continue
+                    yield key, {"shard": shard, "offset": image.offset_data, "size": image.size}, captions
             except (tarfile.TarError, OSError) as err:  # the rest of this shard is unreadable; go on with the next
                 self._skip(skipped, f"{shard}: {type(err).__name__}: {err}", READ_ERROR)
 

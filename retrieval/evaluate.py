@@ -1,4 +1,4 @@
-"""Zero-shot retrieval evaluation, BLIP-2's protocol: `python -m retrieval.evaluate --checkpoint DIR [--corpus PATH]`.
+"""Zero-shot retrieval evaluation, BLIP-2's protocol: `lavis-lite evaluate --checkpoint DIR [--corpus PATH]`.
 
 Every image is scored against every caption by ITC similarity (the best of the image's query vectors);
 recall@1/5/10 is reported text -> image and image -> text, then again after re-ranking each query's top k
@@ -8,8 +8,8 @@ the demo's held-out split, data/synthetic/val) or any other corpus retrieval.bui
 (fractions) to `--out` as JSON and prints them as a table.
 
 examples:
-  python -m retrieval.evaluate --checkpoint runs/stage1-demo --rerank-k 16
-  python -m retrieval.evaluate --checkpoint runs/stage1 --corpus coco_karpathy_test.json --image-root coco/images
+  lavis-lite evaluate --checkpoint runs/stage1-demo --rerank-k 16
+  lavis-lite evaluate --checkpoint runs/stage1 --corpus coco_karpathy_test.json --image-root coco/images
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
-from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
-from lavis_lite.io import atomic_write_text
-from lavis_lite.precision import resolve_device, resolve_dtype
 from lavis_lite.evaluation.retrieval_metrics import evaluate_similarity
+from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
+from lavis_lite.io import atomic_write_text, check_writable
 from lavis_lite.models.stage1_model import Blip2Stage1
+from lavis_lite.precision import resolve_device, resolve_dtype
 
 from .corpus import Corpus, ImageProcessor, batched
 from .search import int_at_least
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None, prog: str = "lavis-lite evaluate") -> in
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_writable(args.out, "--out")
         report = evaluate(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

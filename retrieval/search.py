@@ -1,4 +1,4 @@
-"""Search a retrieval index built by `python -m retrieval.build`: texts -> images, or images -> texts.
+"""Search a retrieval index built by `lavis-lite index`: texts -> images, or images -> texts.
 
 Text queries search an image index (target=image); `--image` queries search a text index (target=text). Hits
 are ranked by ITC similarity (the best of the image's query vectors); `--rerank N` re-scores the top N with the
@@ -6,9 +6,9 @@ ITM head as BLIP-2 does: final score = ITM match logit + ITC similarity (text ->
 images from the corpus). Prints a table (default) or JSON; `--html` also writes a gallery of the hits.
 
 examples:
-  python -m retrieval.search --index runs/retrieval-demo/index "a red circle" "a large blue square on the left"
-  python -m retrieval.search --index runs/retrieval-demo/index --rerank 20 -k 5 --html hits.html "a red circle"
-  python -m retrieval.search --index runs/retrieval-demo/text-index --image photo.jpg --json
+  lavis-lite search --index runs/retrieval-demo/index "a red circle" "a large blue square on the left"
+  lavis-lite search --index runs/retrieval-demo/index --rerank 20 -k 5 --html hits.html "a red circle"
+  lavis-lite search --index runs/retrieval-demo/text-index --image photo.jpg --json
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from PIL import Image
 from lavis_lite.errors import UserError
 from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.inference.gallery import GalleryItem, GallerySection, thumbnail, write_sections
-from lavis_lite.precision import resolve_device, resolve_dtype
 from lavis_lite.inference.preprocess import ImageError, open_image
+from lavis_lite.io import check_writable
+from lavis_lite.precision import resolve_device, resolve_dtype
 
-from .corpus import ImageProcessor, batched, describe_locator, open_item_image
+from .corpus import ImageProcessor, batched, corpus_roots, describe_locator, open_item_image
 from .index import Hit, IndexLoadError, RetrievalIndex
 
 log = logging.getLogger("lavis_lite.retrieval")
@@ -85,14 +86,14 @@ class QueryResult:
 def open_index(path: str) -> RetrievalIndex:
     """The index at `path`; ValueError saying what is wrong and what to give instead."""
     if not Path(path).exists():
-        raise UserError(f"index not found: {path} (build one: python -m retrieval.build output_dir={path}, or make index)")
+        raise UserError(f"index not found: {path} (build one: lavis-lite index output_dir={path}, or make index)")
     try:
         index = RetrievalIndex.load(path)
     except IndexLoadError as err:
         raise UserError(f"--index {path} is not a usable retrieval index: {err}") from None
     missing = [key for key in BUILD_FIELDS if key not in index.manifest]
     if missing:
-        raise UserError(f"--index {path} was not built by python -m retrieval.build (its manifest lacks {missing}): rebuild it")
+        raise UserError(f"--index {path} was not built by lavis-lite index (its manifest lacks {missing}): rebuild it")
     return index
 
 
@@ -134,12 +135,12 @@ def load_model(args: argparse.Namespace, manifest: dict) -> tuple[Blip2FeatureEx
         raise UserError(
             f"checkpoint mismatch: {args.index} was built with checkpoint {manifest['checkpoint_id']} "
             f"({manifest['source']}) but {checkpoint} is {model.checkpoint_id}: omit --checkpoint to use the "
-            "index's, or rebuild the index with python -m retrieval.build checkpoint=..."
+            "index's, or rebuild the index with lavis-lite index checkpoint=..."
         )
     if model.checkpoint_id != manifest["checkpoint_id"]:
         raise UserError(
             f"checkpoint mismatch: {checkpoint} changed since {args.index} was built from it (checkpoint "
-            f"{manifest['checkpoint_id']}, now {model.checkpoint_id}): rebuild the index with python -m retrieval.build"
+            f"{manifest['checkpoint_id']}, now {model.checkpoint_id}): rebuild the index with lavis-lite index"
         )
     return model, vis_processors["eval"], txt_processors["eval"]
 
@@ -171,13 +172,14 @@ def search_texts(
     vectors = model.text_vectors(texts).cpu().numpy()
     found = index.search(vectors, max(args.top_k, args.rerank), nprobe=args.nprobe, ef_search=args.ef_search)
     results = []
+    roots = corpus_roots(index.manifest["corpus"])
     for query, text, hits in zip(args.queries, texts, found):
         itm = None
         if args.rerank:
             candidates = index.items([h.item_id for h in hits[: args.rerank]])
             itm = []
             for batch in batched(candidates, ITM_BATCH):
-                pixels = torch.stack([processor(open_item_image(item["locator"])) for item in batch])
+                pixels = torch.stack([processor(open_item_image(item["locator"], roots)) for item in batch])
                 itm += model.itm_scores(images=pixels, texts=[text] * len(batch)).tolist()
         results.append(QueryResult(query, ranked(index, hits, itm, args.top_k)))
     return results
@@ -212,37 +214,43 @@ def hit_label(hit: dict[str, Any]) -> str:
     return hit["caption"] if "caption" in hit else hit["key"]
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (`\\x1b`), so a caption cannot drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+
+
 def format_table(results: list[QueryResult], target: str) -> str:
-    """Each query's hits as aligned rows: rank, score, ITC, ITM and the item."""
+    """Each query's hits as aligned rows: rank, score, ITC, ITM and the item (control characters escaped)."""
     lines = []
     item_header = "image  (captions)" if target == "image" else "caption  (image)"
     for result in results:
-        lines += [f"query: {result.query}", f"{'rank':>4} {'score':>7} {'itc':>7} {'itm':>7}  {item_header}"]
+        lines += [f"query: {printable(result.query)}", f"{'rank':>4} {'score':>7} {'itc':>7} {'itm':>7}  {item_header}"]
         for hit in result.hits:
             itm = f"{hit['itm']:7.3f}" if hit["itm"] is not None else f"{'-':>7}"
-            extra = "; ".join(hit["captions"]) if target == "image" else hit["key"]
-            row = f"{hit['rank']:>4} {hit['score']:7.3f} {hit['itc']:7.3f} {itm}  {hit_label(hit)}"
+            extra = printable("; ".join(hit["captions"]) if target == "image" else hit["key"])
+            row = f"{hit['rank']:>4} {hit['score']:7.3f} {hit['itc']:7.3f} {itm}  {printable(hit_label(hit))}"
             lines.append(row + (f"  ({extra})" if extra else ""))
         lines.append("")
     return "\n".join(lines).rstrip()
 
 
-def _card_image(locator: dict) -> tuple[bytes, list[str]]:
+def _card_image(locator: dict, roots: list[str]) -> tuple[bytes, list[str]]:
     """A hit's thumbnail, or a grey placeholder with a note when its image cannot be re-opened."""
     try:
-        return thumbnail(open_item_image(locator)), []
+        return thumbnail(open_item_image(locator, roots)), []
     except ImageError as err:
         log.warning("no thumbnail for %s: %s", describe_locator(locator), err)
         return thumbnail(Image.new("RGB", (64, 64), (200, 200, 200))), [f"image unavailable: {err}"]
 
 
-def write_html(path: str, results: list[QueryResult], index_path: str) -> Path:
+def write_html(path: str, results: list[QueryResult], index: RetrievalIndex, index_path: str) -> Path:
     """A gallery page: one section per query, a card per hit (thumbnail, rank, scores, captions)."""
+    roots = corpus_roots(index.manifest["corpus"])
     sections = []
     for result in results:
         cards = [GalleryItem(thumbnail(result.image), "query image", [result.query])] if result.image else []
         for hit in result.hits:
-            image, notes = _card_image(hit["locator"])
+            image, notes = _card_image(hit["locator"], roots)
             itm = f", itm {hit['itm']:.3f}" if hit["itm"] is not None else ""
             scores = f"score {hit['score']:.3f} (itc {hit['itc']:.3f}{itm})"
             texts = [hit["caption"]] if "caption" in hit else hit["captions"]
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None, prog: str = "lavis-lite search") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.html:
+            check_writable(args.html, "--html")
         index = open_index(args.index)
         target = index.manifest["target"]
         images = check_queries(args, target)
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None, prog: str = "lavis-lite search") -> int:
         return 2
     print(to_json(results, args, index) if args.json else format_table(results, target), flush=True)
     if args.html:
-        print(f"gallery: {write_html(args.html, results, args.index)}", file=sys.stderr)
+        print(f"gallery: {write_html(args.html, results, index, args.index)}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Stage-1 training: `python -m stage1.train [--config YAML] [--resume] [key=value ...]`.
+"""Stage-1 training: `lavis-lite train-stage1 [--config RECIPE] [--resume | --overwrite] [key=value ...]`.
 
 Trains the Q-Former against the frozen image encoder with ITC + ITM + ITG, evaluates held-out
 retrieval, and leaves in `train.output_dir`: checkpoints/, metrics.json, metrics.jsonl, loss_curve.png,

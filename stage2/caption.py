@@ -5,8 +5,8 @@ Prints one line per image, `path<TAB>caption`, in the order given. The checkpoin
 its config.yaml names.
 
 examples:
-  python -m stage2.caption --checkpoint runs/stage2 photo1.png photo2.jpg
-  python -m stage2.caption --checkpoint runs/stage2 --prompt "Question: what colour is the circle? Answer:" a.png
+  lavis-lite caption --checkpoint runs/stage2 photo1.png photo2.jpg
+  lavis-lite caption --checkpoint runs/stage2 --prompt "Question: what colour is the circle? Answer:" a.png
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import argparse
 import sys
 
 from lavis_lite.errors import UserError
-from lavis_lite.models.factory import load_stage2_checkpoint
-from lavis_lite.precision import resolve_device
 from lavis_lite.inference.preprocess import ImageError, caption_images, open_image
+from lavis_lite.models.factory import load_stage2_checkpoint
 from lavis_lite.models.stage2_model import Blip2Stage2
+from lavis_lite.precision import resolve_device
 
 
 def positive_int(text: str) -> int:

@@ -8,8 +8,8 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from lavis_lite.demo.synthetic import COLOURS, SHAPES
 from lavis_lite.data.training_data import HeldOut, TextFields
+from lavis_lite.demo.synthetic import COLOURS, SHAPES
 from lavis_lite.distributed import gather_objects, world
 from lavis_lite.evaluation.query_diversity import query_similarity
 from lavis_lite.models.stage2_model import Blip2Stage2

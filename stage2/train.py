@@ -1,4 +1,4 @@
-"""Stage-2 training: `python -m stage2.train [--config YAML] [--resume] [key=value ...]`.
+"""Stage-2 training: `lavis-lite train-stage2 [--config RECIPE] [--resume | --overwrite] [key=value ...]`.
 
 Bridges a stage-1 Q-Former to a frozen LLM through one Linear layer, trains both on the LM loss of the
 captions, evaluates held-out captioning, and leaves in `train.output_dir`: checkpoints/, metrics.json,
@@ -22,8 +22,8 @@ from lavis_lite.data import SkipCounter
 from lavis_lite.data.training_data import TrainingData
 from lavis_lite.data.webdataset_pipeline import read_images
 from lavis_lite.errors import UserError
-from lavis_lite.models.factory import create_stage2_model
 from lavis_lite.inference.gallery import GalleryItem, write_gallery
+from lavis_lite.models.factory import create_stage2_model
 from lavis_lite.precision import resolve_autocast
 from lavis_lite.training.train_config import training_parser
 from lavis_lite.training.train_loop import check_run_dir, train

@@ -20,8 +20,8 @@ from tiny_llm import save_tiny_llm
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import VisionConfig
 from lavis_lite.data.transforms import PairTransform
-from lavis_lite.models.factory import create_stage2_model
 from lavis_lite.inference.preprocess import ImageError, caption_images, image_processor, load_images
+from lavis_lite.models.factory import create_stage2_model
 from lavis_lite.models.vision import build_vision_encoder
 from stage1.config import Stage1Config
 from stage2 import caption

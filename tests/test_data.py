@@ -33,6 +33,7 @@ from lavis_lite.data import (
 )
 from lavis_lite.models.tokenizer import build_tokenizer
 from conftest import save_bert_tokenizer
+from retrieval.corpus import Corpus
 
 WORDS = "a an the of on and to large small red green blue circle square dog cat photo left right".split()
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -388,3 +389,17 @@ def test_finite_training_stream_runs_pass_after_pass(shards, tokenizer):
     too_big = TrainingData(dataclasses.replace(cfg, batch_size=64), VisionConfig(image_size=SIZE), encoder, tokenizer, 8, SkipCounter())
     with pytest.raises(ConfigError, match="no full batch"):
         next(too_big.training_batches()(0))
+
+
+def test_captions_that_are_not_utf8_are_skipped_and_counted(tmp_path, tokenizer):
+    samples = good_samples(2)
+    samples.append(("bad_latin1", {"jpg": jpeg((9, 9, 9)), "txt": "un cercle rouge à gauche".encode("latin-1")}))
+    samples.append(("bad_json", {"jpg": jpeg((9, 9, 9)), "json": b'{"caption": "\xff\xfe"}'}))
+    write_tar(tmp_path / "shard-000000.tar", samples)
+    keys, counter = drain(loader(tmp_path, tokenizer))
+    assert sorted(keys) == ["good000", "good001"]
+    assert counter.as_dict() == {"caption_not_utf8": 2}
+    corpus_skips = SkipCounter()
+    entries = list(Corpus(str(tmp_path)).entries(corpus_skips))
+    assert [entry.key for entry in entries] == ["good000", "good001"]
+    assert corpus_skips.as_dict() == {"caption_not_utf8": 2}

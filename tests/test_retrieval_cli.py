@@ -26,8 +26,8 @@ from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import VisionConfig
 from lavis_lite.data import SkipCounter
 from lavis_lite.demo.synthetic import COLOURS, SHAPES, generate
-from lavis_lite.models.factory import create_model
 from lavis_lite.inference.features import load_model_and_preprocess
+from lavis_lite.models.factory import create_model
 from lavis_lite.models.vision import build_vision_encoder
 from retrieval import build, evaluate, search
 from retrieval.corpus import Corpus, open_item_image

@@ -8,10 +8,10 @@ import pytest
 import torch
 from tokenizers import processors
 
-from lavis_lite.demo import assets
-from lavis_lite.models import llm as llm_module
 from lavis_lite.checkpoint import save_checkpoint
 from lavis_lite.config import LanguageModelConfig
+from lavis_lite.demo import assets
+from lavis_lite.models import llm as llm_module
 from lavis_lite.models.factory import create_stage2_model, load_stage1_weights
 from lavis_lite.models.llm import IGNORE, dequantised_copy, lm_inputs, load_language_model, padded_prompt_ids, split_prefix
 from lavis_lite.training.train_config import OptimConfig, TrainConfig

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lavis_lite.config import VisionConfig
-from lavis_lite.precision import resolve_dtype
 from lavis_lite.models.vision import CLIP_MEAN, FrozenVisionEncoder, build_vision_encoder, vision_width
+from lavis_lite.precision import resolve_dtype
 
 # fp32 where the tests compare against a reference (`auto` would be bf16 on CPUs that run it natively)
 TINY_VIT = dict(kind="vit", width=64, depth=2, heads=4, mlp_dim=128, patch_size=8, image_size=32, precision="fp32")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
-from lavis_lite.demo.synthetic import COLOURS, SHAPES
 from lavis_lite.data.training_data import TrainingData
+from lavis_lite.demo.synthetic import COLOURS, SHAPES
 from lavis_lite.models.factory import load_stage1_checkpoint
 from lavis_lite.models.vision import build_vision_encoder
 from stage1.config import load_stage1_config

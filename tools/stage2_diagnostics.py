@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
-from lavis_lite.demo.synthetic import COLOURS, SHAPES, SIZES
 from lavis_lite.data.training_data import TrainingData
+from lavis_lite.demo.synthetic import COLOURS, SHAPES, SIZES
+from lavis_lite.evaluation.query_diversity import qformer_hidden_states, query_similarity
 from lavis_lite.models.factory import create_stage2_model, load_stage1_checkpoint, load_stage2_checkpoint
 from lavis_lite.models.llm import IGNORE
-from lavis_lite.evaluation.query_diversity import qformer_hidden_states, query_similarity
 from lavis_lite.models.stage2_model import Blip2Stage2
 from stage1.config import load_stage1_config
 from stage2.config import load_stage2_config

@@ -30,8 +30,8 @@ from lavis_lite.data.samples import (
     make_sample,
     split_by_node_and_worker,
 )
-from lavis_lite.errors import UserError
 from lavis_lite.data.transforms import PairTransform, clean_caption
+from lavis_lite.errors import UserError
 
 PathLike = Union[str, Path]
 

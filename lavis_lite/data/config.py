@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lavis_lite.config import at_least
+
 
 @dataclass
 class DataConfig:
@@ -28,3 +30,6 @@ class DataConfig:
     cache_features: bool = False
     cache_dir: str = "data/cache"
     trace_encoder: bool = True  # torch.jit.trace + freeze a CNN encoder while caching on CPU (2.3x faster)
+
+    def __post_init__(self) -> None:
+        at_least("data", self, batch_size=1, num_workers=0, shuffle_buffer=1, max_words=1)

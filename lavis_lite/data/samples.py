@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from lavis_lite.data.transforms import PairTransform
+from lavis_lite.data.transforms import PairTransform, to_rgb
 
 logger = logging.getLogger("lavis_lite.data")
 
@@ -25,6 +25,7 @@ CORRUPT_IMAGE = "corrupt_image"
 MISSING_IMAGE = "missing_image"
 MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
 READ_ERROR = "read_error"  # one per unreadable shard or tar member; the samples it held are not counted
 
 
@@ -66,7 +67,7 @@ def make_sample(
         return Skip(key, MISSING_IMAGE)
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as raw:
-            rgb = raw.convert("RGB")
+            rgb = to_rgb(raw)
     except FileNotFoundError:
         return Skip(key, MISSING_IMAGE)
     except Exception:  # PIL raises many types on bad bytes (OSError, SyntaxError, struct.error, bombs, ...)

@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from lavis_lite.config import ConfigError, VisionConfig
-from lavis_lite.distributed import world
-from lavis_lite.data.feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches, trace_encoder
 from lavis_lite.data.config import DataConfig
+from lavis_lite.data.feature_cache import FeatureCache, build_feature_cache, cache_fingerprint, cached_batches, trace_encoder
 from lavis_lite.data.samples import Collator, SkipCounter
 from lavis_lite.data.webdataset_pipeline import create_wds_loader, list_shards
+from lavis_lite.distributed import world
 
 log = logging.getLogger("lavis_lite.data")
 

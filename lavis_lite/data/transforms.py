@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from lavis_lite.data.config import DataConfig
@@ -15,6 +15,21 @@ from lavis_lite.data.config import DataConfig
 BICUBIC = T.InterpolationMode.BICUBIC
 _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as users mean it, in RGB: turned upright by its EXIF orientation, and high bit depths
+    (16-bit and 32-bit integer, float) scaled by their value range instead of clipped to white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max(initial=0.0)
+        if image.mode.startswith("I;16") or top > 255.0:  # 16-bit data (PNGs open as I;16 or I)
+            scale = 255.0 / 65535.0
+        else:
+            scale = 255.0 if image.mode == "F" and top <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def clean_caption(text: str, max_words: int = 50, lowercase: bool = True) -> str:

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lavis_lite.data.config import DataConfig
 from lavis_lite.data.samples import (
+    CAPTION_NOT_UTF8,
     READ_ERROR,
     Collator,
     Sample,
@@ -125,11 +126,15 @@ class _ReadErrors:
 
 
 def sample_caption(raw: dict[str, Any]) -> Optional[str]:
-    """A sample's caption from its raw members ({ext: bytes}): the `.txt`, else the json's "caption"."""
+    """A sample's caption from its raw members ({ext: bytes}): the `.txt`, else the json's "caption".
+    UnicodeDecodeError where the text is not UTF-8 (a caller skips the sample as `caption_not_utf8`)."""
     if "txt" in raw:
-        return raw["txt"].decode("utf-8", errors="replace")
+        return raw["txt"].decode("utf-8")
+    if "json" not in raw:
+        return None
+    text = raw["json"].decode("utf-8")
     try:
-        caption = json.loads(raw["json"]).get("caption") if "json" in raw else None
+        caption = json.loads(text).get("caption")
     except (ValueError, AttributeError):  # bad json, or json that is not an object
         return None
     return caption if isinstance(caption, str) else None
@@ -139,7 +144,12 @@ def _decode(src: Iterable[dict], transform: PairTransform, errors: _ReadErrors) 
     for raw in src:
         yield from errors.drain()
         image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-        yield make_sample(raw["__key__"], image, sample_caption(raw), transform)
+        try:
+            caption = sample_caption(raw)
+        except UnicodeDecodeError:
+            yield Skip(raw["__key__"], CAPTION_NOT_UTF8)
+            continue
+        yield make_sample(raw["__key__"], image, caption, transform)
     yield from errors.drain()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lavis_lite.checkpoint import read_state_dict
 from lavis_lite.errors import MissingFileError
 from lavis_lite.io import atomic_path, replace_dir, staging_dir
 
@@ -196,12 +197,7 @@ def _materialise_bert_dir(root: Path, cache_dir: Path) -> Path:
     if _is_bert_dir(final):
         return final
 
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(weights))
-    else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = read_state_dict(weights)
     clean: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         for prefix in _BERT_PREFIXES:

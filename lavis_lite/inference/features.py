@@ -23,13 +23,13 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from lavis_lite.data.feature_cache import trace_encoder
 from lavis_lite.data.transforms import clean_caption
 from lavis_lite.errors import UserError
-from lavis_lite.models.factory import create_model, load_stage1_checkpoint
-from lavis_lite.data.feature_cache import trace_encoder
-from lavis_lite.precision import resolve_dtype
 from lavis_lite.inference.preprocess import image_processor
+from lavis_lite.models.factory import create_model, load_stage1_checkpoint
 from lavis_lite.models.stage1_model import Blip2Stage1
+from lavis_lite.precision import resolve_dtype
 
 MODES = ("image", "text", "multimodal")
 _MODE_INPUTS = {"image": ("image",), "text": ("text_input",), "multimodal": ("image", "text_input")}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lavis_lite.data.transforms import PairTransform
+from lavis_lite.data.transforms import PairTransform, to_rgb
 from lavis_lite.errors import UserError
 from lavis_lite.models.stage2_model import Blip2Stage2
 
@@ -35,7 +35,7 @@ def open_image(path: str | Path) -> Image.Image:
     """A file's image, decoded in RGB; `ImageError` naming the file when it is missing or unreadable."""
     try:
         with Image.open(path) as raw:
-            return raw.convert("RGB")  # decodes the whole file: truncated data fails here, not later
+            return to_rgb(raw)  # decodes the whole file: truncated data fails here, not later
     except FileNotFoundError:
         raise ImageError(f"image not found: {path} (check the path)") from None
     except Exception as err:  # PIL raises many types on bad bytes (UnidentifiedImageError, OSError, SyntaxError, ...)

@@ -65,14 +65,14 @@ def load_stage1_checkpoint(
     and trainable weights); `overrides` apply to the run's `model:` section, e.g. `vision.precision=bf16`."""
     path = resolve_checkpoint(checkpoint)
     if not (path / CONFIG).is_file():
-        raise ConfigError(f"{path} has no {CONFIG}: give a directory written by python -m stage1.train")
+        raise ConfigError(f"{path} has no {CONFIG}: give a directory written by lavis-lite train-stage1")
     run_config = OmegaConf.to_container(OmegaConf.load(path / CONFIG), resolve=True)
     model_config = run_config.get("model")
     if not isinstance(model_config, dict) or "llm" in model_config:
         found = "a stage-2 checkpoint (model.llm is set)" if isinstance(model_config, dict) else f"no model section in {CONFIG}"
         raise ConfigError(
             f"{path} is not a stage-1 checkpoint ({found}): give a stage-1 run directory (the train.output_dir of "
-            "python -m stage1.train) or one of its checkpoints/step-N directories"
+            "lavis-lite train-stage1) or one of its checkpoints/step-N directories"
         )
     model, tokenizer = create_model(merge_config(ModelConfig, [model_config], overrides))
     load_trainable_state_dict(model, load_weights(path), str(path))
@@ -132,7 +132,7 @@ def load_stage2_checkpoint(
     if "model" not in run_config or "llm" not in run_config["model"]:
         raise ConfigError(
             f"{path} is not a stage-2 checkpoint (its {CONFIG} has no model.llm): give a stage-2 run directory "
-            "(the train.output_dir of python -m stage2.train) or one of its checkpoints/step-N directories"
+            "(the train.output_dir of lavis-lite train-stage2) or one of its checkpoints/step-N directories"
         )
     # The trained weights replace the stage-1 or BERT initialisation, which need not exist any more.
     cfg = merge_config(Stage2ModelConfig, [run_config["model"]], ["stage1_checkpoint=null", "qformer.bert=null", *overrides])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lavis_lite.checkpoint import read_state_dict
 from lavis_lite.config import QFormerConfig
 from lavis_lite.errors import MissingFileError
 
@@ -236,14 +237,6 @@ BERT_ARCH_FIELDS = {
 }
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
     """Initialise a Q-Former from a local BERT checkpoint (any `BertModel` directory).
 
@@ -267,7 +260,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
     weights = next((bert_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (bert_dir / n).is_file()), None)
     if weights is None:
         raise MissingFileError(f"qformer.bert={bert_dir} holds no model.safetensors or pytorch_model.bin")
-    bert = {k.removeprefix("bert."): v for k, v in _read_state_dict(weights).items()}
+    bert = {k.removeprefix("bert."): v for k, v in read_state_dict(weights, "qformer.bert").items()}
 
     def take(name: str) -> Tensor:
         if name not in bert:

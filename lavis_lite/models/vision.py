@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lavis_lite.checkpoint import read_state_dict
 from lavis_lite.config import ConfigError, VisionConfig
-from lavis_lite.precision import DTYPES, resolve_dtype
 from lavis_lite.errors import MissingFileError
+from lavis_lite.precision import DTYPES, resolve_dtype
 
 # open_clip's OPENAI_DATASET_MEAN/STD (BLIP-2's image processor) and timm's ImageNet defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -263,25 +264,11 @@ class TimmEncoder(FrozenVisionEncoder):
         return self(torch.zeros(1, 3, image_size, image_size, device=param.device)).shape[1]
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from `.safetensors` or a torch file, unwrapping a top-level "state_dict"/"model" key."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"vision.checkpoint={path} not found: give a local weights file (the demo's: make demo-assets)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
-    return state
-
-
 def _load_checkpoint_strict(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into `model`, raising a ConfigError naming the path and any bad keys."""
-    state = load_state_dict_file(path)
+    if not Path(path).is_file():
+        raise MissingFileError(f"vision.checkpoint={path} not found: give a local weights file (the demo's: make demo-assets)")
+    state = read_state_dict(path, "vision.checkpoint")
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -424,7 +411,6 @@ __all__ = [
     "EvaViT",
     "build_vision_encoder",
     "vision_width",
-    "load_state_dict_file",
     "CLIP_MEAN",
     "CLIP_STD",
     "IMAGENET_MEAN",

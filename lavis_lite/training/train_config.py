@@ -6,6 +6,10 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lavis_lite.config import ConfigError, at_least
+
+PRECISIONS = ("auto", "fp32", "no", "bf16", "fp16")  # `no` is accelerate's name for fp32
+
 
 @dataclass
 class OptimConfig:
@@ -41,6 +45,12 @@ class TrainConfig:
     max_nonfinite: int = 50  # abort after this many consecutive steps with a non-finite loss
     time_limit_minutes: Optional[float] = None  # stop (after a checkpoint) once training has run this long
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        at_least("train", self, steps=1, grad_accum=1, log_every=1, save_every=1, keep_checkpoints=1, max_nonfinite=1)
+        at_least("train", self, eval_every=0)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
 
 
 def training_parser(prog: str, description: str, default_config: str, example: str, overrides: str) -> argparse.ArgumentParser:

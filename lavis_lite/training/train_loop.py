@@ -36,8 +36,8 @@ from lavis_lite.checkpoint import (
 )
 from lavis_lite.config import ConfigError
 from lavis_lite.io import atomic_write_text
-from lavis_lite.training.plots import plot_loss_curve
 from lavis_lite.precision import resolve_autocast
+from lavis_lite.training.plots import plot_loss_curve
 from lavis_lite.training.train_config import OptimConfig, TrainConfig
 
 log = logging.getLogger("lavis_lite.train")
