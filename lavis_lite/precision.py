@@ -24,8 +24,14 @@ _AUTOCAST = {"fp32": "no", "no": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @functools.cache
-def _cpu_bf16_is_fast() -> bool:
-    """A short matmul probe: CPUs without AVX512-BF16/AMX emulate bf16 about 100x slower than fp32."""
+def _cpu_bf16_is_native() -> bool:
+    """Whether the CPU has AVX512-BF16 or AMX (bf16 matmul about 4x fp32; without them torch emulates bf16 about
+    100x slower). Read from the CPU's feature flags where torch reports them, so that a loaded machine cannot
+    flip the answer; elsewhere (other architectures) a short matmul timing decides."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [check for check in checks if check is not None]
+    if checks:
+        return any(check() for check in checks)
 
     def rate(dtype: torch.dtype) -> float:
         a = torch.randn(256, 256).to(dtype)
@@ -54,7 +60,7 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and _cpu_bf16_is_fast()
+    return device.type == "cpu" and _cpu_bf16_is_native()
 
 
 def resolve_dtype(precision: str, device: torch.device | str = "cpu", key: str = "precision") -> torch.dtype:

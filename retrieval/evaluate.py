@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
 from lavis_lite.data import SkipCounter
 from lavis_lite.errors import UserError
 from lavis_lite.evaluation.retrieval_metrics import evaluate_similarity
@@ -36,7 +38,6 @@ from lavis_lite.precision import resolve_device, resolve_dtype
 from .corpus import Corpus, ImageProcessor, batched
 from .search import int_at_least
 
-DEFAULT_CORPUS = "data/synthetic/val"
 DEFAULT_OUT = "runs/retrieval-eval/metrics.json"
 SIMILARITY_BLOCK = 64  # images per block of the similarity matrix ([block, texts, queries] floats at a time)
 
@@ -47,7 +48,8 @@ def build_parser(prog: str = "lavis-lite evaluate") -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--checkpoint", required=True, metavar="DIR", help="stage-1 run or checkpoint directory")
-    add("--corpus", default=DEFAULT_CORPUS, metavar="PATH", help=f"test set (default: {DEFAULT_CORPUS})")
+    add("--corpus", metavar="PATH",
+        help="test set (default: the held-out shards of the checkpoint's run, its data.val_shards)")
     add("--image-root", metavar="DIR", help="root of an annotation file's image paths (default: its folder)")
     add("--rerank-k", type=int_at_least(0), default=128, metavar="K",
         help="ITM re-rank of each query's top K (default: 128, BLIP-2's; 0: ITC only)")
@@ -83,13 +85,23 @@ def embed_corpus(
                 texts += entry.captions
             progress.update(len(entries))
     if not vectors:
-        raise UserError(f"corpus {args.corpus} has no usable image with a caption ({skipped.summary()})")
+        raise UserError(f"corpus {corpus.path} has no usable image with a caption ({skipped.summary()})")
     return torch.cat(vectors), (torch.cat(embeds) if embeds else torch.empty(0)), texts, img2txt, txt2img
+
+
+def held_out_shards(checkpoint: str) -> str:
+    """The held-out shards a stage-1 run was trained with (its config's `data.val_shards`)."""
+    if not Path(checkpoint).is_dir():
+        raise UserError(f"--checkpoint {checkpoint} is not a run directory: give --corpus")
+    shards = OmegaConf.select(OmegaConf.load(resolve_checkpoint(checkpoint) / CONFIG), "data.val_shards")
+    if not shards:
+        raise UserError(f"--checkpoint {checkpoint} records no held-out shards (data.val_shards): give --corpus")
+    return str(shards)
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation report: metrics (fractions), counts, skips and what was evaluated."""
-    corpus = Corpus(args.corpus, image_root=args.image_root, require_captions=True)
+    corpus = Corpus(args.corpus or held_out_shards(args.checkpoint), image_root=args.image_root, require_captions=True)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.precision, device, "--precision")
     model, vis_processors, _ = load_model_and_preprocess(args.checkpoint, device=device, dtype=dtype)

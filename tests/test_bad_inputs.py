@@ -78,6 +78,8 @@ CASES = [
     (search, ["--index", "{missing}", "--html", "{image}/hits.html", "a red circle"], "{image} is a file, not a directory"),
     (evaluate, ["--checkpoint", "{missing}", "--corpus", "{missing}", "--out", "{run}/m.json"], "{missing}"),
     (evaluate, ["--checkpoint", "{missing}", "--corpus", "{pairs}", "--out", "{tmp}"], "--out {tmp} is a directory"),
+    (evaluate, ["--checkpoint", "{truncated}", "--out", "{run}/m.json"], "records no held-out shards"),
+    (evaluate, ["--checkpoint", "tiny", "--out", "{run}/m.json"], "is not a run directory: give --corpus"),
     (evaluate, ["--checkpoint", "{truncated}", "--corpus", "{pairs}", "--out", "{run}/m.json"], "is not a readable weights file"),
 ]
 
@@ -92,3 +94,34 @@ def test_bad_input_is_one_error_line(program, argv, says, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert says.format(**paths) in lines[0], lines[0]
+
+
+API_CASES = [
+    # (what the file holds, what the error must say) for a Karpathy-split JSON
+    ("{not json", "is not a JSON file"),
+    ('{"images": []}', "holds a JSON dict, not the list"),
+    ('[{"image": "a.jpg", "caption": "a cat"}, ["a.jpg", "a dog"]]', "entry 1 is not"),
+    ('[{"image": 7, "caption": "a cat"}]', "entry 0 is not"),
+    ('[{"image": "a.jpg"}]', "entry 0 is not"),
+]
+
+
+@pytest.mark.parametrize("content, says", API_CASES)
+def test_bad_karpathy_json_is_a_user_error_naming_the_file(content, says, tmp_path):
+    from lavis_lite.data.annotations import read_karpathy
+    from lavis_lite.errors import UserError
+
+    path = tmp_path / "test.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=says) as caught:
+        read_karpathy(path, tmp_path)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_shards_are_named(tmp_path):
+    from lavis_lite.data.webdataset_pipeline import list_shards
+    from lavis_lite.errors import UserError
+
+    for shards in (tmp_path / "nowhere", str(tmp_path / "shard-{000..003}.tar")):
+        with pytest.raises(UserError, match="no shards"):
+            list_shards(str(shards))

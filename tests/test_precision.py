@@ -37,3 +37,16 @@ def test_one_device_resolver():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_native_bf16_on_cpu_follows_the_cpu_flags_not_the_load(monkeypatch):
+    """The CPU's AVX512-BF16 / AMX flags decide, so a busy machine cannot turn `auto` into fp32 for one run."""
+    from lavis_lite import precision
+
+    for avx512_bf16, amx, expected in [(True, False, True), (False, True, True), (False, False, False)]:
+        precision._cpu_bf16_is_native.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(precision.time, "perf_counter", lambda: (_ for _ in ()).throw(AssertionError("timed")))
+        assert native_bf16("cpu") is expected
+    precision._cpu_bf16_is_native.cache_clear()

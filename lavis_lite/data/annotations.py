@@ -31,7 +31,7 @@ from lavis_lite.data.samples import (
     split_by_node_and_worker,
 )
 from lavis_lite.data.transforms import PairTransform, clean_caption
-from lavis_lite.errors import UserError
+from lavis_lite.errors import MissingFileError, UserError
 
 PathLike = Union[str, Path]
 
@@ -50,13 +50,33 @@ def _captions(ann: dict) -> list[Optional[str]]:
     return list(caption) if isinstance(caption, list) else [caption]
 
 
+def _karpathy_entries(ann_path: PathLike) -> list[dict]:
+    """A Karpathy JSON's entries, checked: a list of objects with an `image` path and a `caption` (a string or a
+    list); UserError naming the file and the first entry that is not."""
+    path = Path(ann_path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MissingFileError(f"annotation file not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not a JSON file ({err}): give a Karpathy-split JSON") from None
+    if not isinstance(entries, list):
+        raise UserError(f"{path} holds a JSON {type(entries).__name__}, not the list of a Karpathy-split JSON")
+    for i, ann in enumerate(entries):
+        if not (isinstance(ann, dict) and isinstance(ann.get("image"), str) and isinstance(ann.get("caption"), (str, list))):
+            raise UserError(
+                f"{path}: entry {i} is not {{\"image\": path, \"caption\": text or [texts]}}: {json.dumps(ann)[:120]}"
+            )
+    return entries
+
+
 def read_karpathy(ann_path: PathLike, image_root: PathLike) -> list[Record]:
     """Training pairs from a Karpathy-split JSON: `[{"image": relative path, "caption": str or [str, ...]}]`.
 
     A list of captions gives one record per caption; the key is `"{image}#{caption index}"`.
     """
     records = []
-    for ann in json.loads(Path(ann_path).read_text()):
+    for ann in _karpathy_entries(ann_path):
         path = str(Path(image_root) / ann["image"])
         for i, caption in enumerate(_captions(ann)):
             records.append(Record(f"{ann['image']}#{i}", path, caption))
@@ -180,7 +200,7 @@ def read_karpathy_eval(ann_path: PathLike, image_root: PathLike, transform: Pair
         skipped.add(reason)
         log(Skip(key, reason))
 
-    for ann in json.loads(Path(ann_path).read_text()):
+    for ann in _karpathy_entries(ann_path):
         path = Path(image_root) / ann["image"]
         if not path.is_file():
             skip(ann["image"], MISSING_IMAGE)

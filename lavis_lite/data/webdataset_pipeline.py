@@ -7,6 +7,7 @@ or the json's "caption" when there is no `.txt`.
 from __future__ import annotations
 
 import json
+import os
 import random
 import tarfile
 from functools import partial
@@ -32,6 +33,7 @@ from lavis_lite.data.samples import (
     worker_slot,
 )
 from lavis_lite.data.transforms import PairTransform
+from lavis_lite.errors import MissingFileError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 Shards = Union[str, Path, Sequence[Union[str, Path]]]
@@ -46,7 +48,13 @@ def list_shards(shards: Shards) -> list[str]:
     else:
         urls = wds.shardlists.expand_urls(str(shards))
     if not urls:
-        raise FileNotFoundError(f"no shards in {shards!r} (give a directory of .tar files or a brace pattern)")
+        raise MissingFileError(f"no shards in {shards!r} (give a directory of .tar files or a brace pattern)")
+    local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+    if local and len(local) == len(urls) and not any(os.path.isfile(url) for url in local):
+        raise MissingFileError(
+            f"no shards at {shards!r}: {local[0]} does not exist (give a directory of .tar files or a brace pattern; "
+            "the demo's: make demo-assets)"
+        )
     return urls
 
 
