@@ -97,6 +97,24 @@ def recover_dir(final: str | Path) -> None:
             os.rename(aside, final)
 
 
+def remove_staging(parent: str | Path) -> list[Path]:
+    """What interrupted writers left in `parent` (a folder with one writer, such as a run's checkpoints): a copy
+    set aside mid-replacement is put back or dropped (`recover_dir`), staging folders and temporary files
+    (`.NAME.*.tmp*`) are removed. Returns the removed paths."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    for replaced in parent.glob(".*.replaced"):
+        recover_dir(parent / replaced.name[1 : -len(".replaced")])
+    leftovers = sorted(parent.glob(".*.tmp*"))
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return leftovers
+
+
 def _aside(final: Path) -> Path:
     return final.with_name(f".{final.name}.replaced")
 

@@ -98,7 +98,10 @@ def run(cfg: BuildConfig) -> Path:
     check_config(cfg)
     device = resolve_device(cfg.device)
     text = cfg.target == "text"
-    corpus = Corpus(cfg.corpus.path, cfg.corpus.kind, cfg.corpus.image_root, cfg.corpus.max_words, require_captions=text)
+    corpus = Corpus(
+        cfg.corpus.path, cfg.corpus.kind, cfg.corpus.image_root, cfg.corpus.max_words, require_captions=text,
+        max_pixels=cfg.corpus.max_image_pixels,
+    )
     dtype = resolve_dtype(cfg.precision, device, "precision")
     model, vis_processors, _ = load_model_and_preprocess(cfg.checkpoint, device=device, dtype=dtype)
     writer = IndexWriter(

@@ -17,6 +17,7 @@ class CorpusConfig:
     kind: str = "auto"  # auto | shards | folder | karpathy | table
     image_root: Optional[str] = None  # annotation files: root of their relative image paths (default: the file's folder)
     max_words: int = 50  # captions are cleaned and truncated as in training
+    max_image_pixels: int = 64_000_000  # larger images are skipped (image_too_large) before they are decoded
 
 
 @dataclass

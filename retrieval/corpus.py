@@ -30,6 +30,7 @@ from lavis_lite.data.samples import (
     CAPTION_NOT_UTF8,
     CORRUPT_IMAGE,
     EMPTY_CAPTION,
+    IMAGE_TOO_LARGE,
     MISSING_CAPTION,
     MISSING_IMAGE,
     READ_ERROR,
@@ -37,10 +38,10 @@ from lavis_lite.data.samples import (
     SkipCounter,
     SkipLog,
 )
-from lavis_lite.data.transforms import clean_caption, to_rgb
+from lavis_lite.data.transforms import MAX_IMAGE_PIXELS, ImageTooLargeError, clean_caption, to_rgb
 from lavis_lite.data.webdataset_pipeline import IMAGE_EXTENSIONS, list_shards, sample_caption
 from lavis_lite.errors import UserError
-from lavis_lite.inference.preprocess import ImageError, open_image
+from lavis_lite.inference.preprocess import ImageError, ImageTooLarge, open_image
 
 CORPUS_KINDS = ("auto", "shards", "folder", "karpathy", "table")
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -106,13 +107,15 @@ def _check_locator(locator: Locator, roots: Sequence[str]) -> None:
             raise ImageError(f"index metadata gives {target} an implausible offset {offset} / size {size}: rebuild the index")
 
 
-def open_item_image(locator: Locator, roots: Optional[Sequence[str]] = None) -> Image.Image:
-    """An entry's image, decoded in RGB; `ImageError` naming where it was when it is missing or unreadable.
-    With `roots` (`corpus_roots` of an index) the locator must point inside them."""
+def open_item_image(
+    locator: Locator, roots: Optional[Sequence[str]] = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """An entry's image, decoded in RGB; `ImageError` naming where it was when it is missing, unreadable or over
+    `max_pixels`. With `roots` (`corpus_roots` of an index) the locator must point inside them."""
     if roots is not None:
         _check_locator(locator, roots)
     if "path" in locator:
-        return open_image(locator["path"])
+        return open_image(locator["path"], max_pixels)
     name = describe_locator(locator)
     try:
         data = read_item_bytes(locator)
@@ -122,7 +125,9 @@ def open_item_image(locator: Locator, roots: Optional[Sequence[str]] = None) -> 
         raise ImageError(f"cannot read image {name}: {err}") from None
     try:
         with Image.open(io.BytesIO(data)) as raw:
-            return to_rgb(raw)
+            return to_rgb(raw, max_pixels)
+    except (ImageTooLargeError, Image.DecompressionBombError) as err:
+        raise ImageTooLarge(f"image {name} is too large: {err}") from None
     except Exception as err:  # PIL raises many types on bad bytes
         raise ImageError(f"cannot read image {name}: {err or type(err).__name__} (is it a valid image?)") from None
 
@@ -155,6 +160,7 @@ class Corpus:
         image_root: Optional[str] = None,
         max_words: int = 50,
         require_captions: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         if kind not in CORPUS_KINDS:
             raise UserError(f"unknown corpus kind {kind!r}: choose from {list(CORPUS_KINDS)}")
@@ -163,6 +169,7 @@ class Corpus:
         self.image_root = image_root
         self.max_words = max_words
         self.require_captions = require_captions
+        self.max_pixels = max_pixels  # larger images are skipped as image_too_large
         self._log = SkipLog()
 
     def describe(self) -> dict[str, Any]:
@@ -202,7 +209,7 @@ class Corpus:
 
     def decode(self, entry: CorpusEntry, skipped: SkipCounter) -> Optional[CorpusItem]:
         """The entry with its image decoded, or None (counted as missing_image / corrupt_image)."""
-        image = _open(entry)
+        image = _open(entry, self.max_pixels)
         if isinstance(image, str):
             self._skip(skipped, entry.key, image)
             return None
@@ -222,7 +229,7 @@ class Corpus:
         skipped and counted."""
 
         def load(entry: CorpusEntry) -> Tensor | str:
-            image = _open(entry)
+            image = _open(entry, self.max_pixels)
             return image if isinstance(image, str) else processor(image)
 
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
@@ -300,12 +307,14 @@ class Corpus:
             yield key, {"path": os.path.abspath(image_path)}, captions
 
 
-def _open(entry: CorpusEntry) -> Image.Image | str:
-    """The entry's decoded image, or why it cannot be had (missing_image / corrupt_image)."""
+def _open(entry: CorpusEntry, max_pixels: int) -> Image.Image | str:
+    """The entry's decoded image, or why it cannot be had (missing_image / image_too_large / corrupt_image)."""
     if "path" in entry.locator and not os.path.isfile(entry.locator["path"]):
         return MISSING_IMAGE
     try:
-        return open_item_image(entry.locator)
+        return open_item_image(entry.locator, max_pixels=max_pixels)
+    except ImageTooLarge:
+        return IMAGE_TOO_LARGE
     except ImageError:
         return CORRUPT_IMAGE
 

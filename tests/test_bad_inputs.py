@@ -62,6 +62,7 @@ CASES = [
     (stage1, ["--config", TINY1, "data.num_workers=-1"], "data.num_workers=-1: must be at least 0"),
     (stage1, ["--config", TINY1, "train.precision=bogus"], "train.precision='bogus'"),
     (stage1, ["--config", TINY1, "train.grad_accum=0"], "train.grad_accum=0: must be at least 1"),
+    (stage1, ["--config", TINY1, "data.max_image_pixels=0"], "data.max_image_pixels=0: must be at least 1"),
     (stage1, ["--config", TINY1, "train.output_dir={run}", "--resume"], "holds no complete checkpoint"),
     (stage1, ["--config", TINY1, "--resume", "train.output_dir={run}"], "holds no complete checkpoint"),
     (stage1, ["--config", TINY1, "train.output_dir={run}"], "stage 1 needs a tokenizer"),

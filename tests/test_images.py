@@ -50,3 +50,26 @@ def test_sixteen_bit_png_keeps_its_grey_level(tmp_path):
         np.testing.assert_array_equal(np.unique(np.asarray(image)), [128])
     assert np.asarray(to_rgb(Image.open(io.BytesIO(sixteen_bit_png(65535))))).min() == 255
     assert np.asarray(to_rgb(Image.open(io.BytesIO(sixteen_bit_png(0))))).max() == 0
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    from lavis_lite.data.samples import IMAGE_TOO_LARGE, SkipCounter
+    from lavis_lite.inference.preprocess import ImageTooLarge
+    from retrieval.corpus import Corpus
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(folder / "big.png")  # 1,200 pixels
+    Image.new("RGB", (10, 10), (30, 200, 30)).save(folder / "small.png")
+    transform = PairTransform(8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), train=False, max_pixels=1000)
+    skip = make_sample("big", (folder / "big.png").read_bytes(), "a red square", transform)
+    assert skip.reason == IMAGE_TOO_LARGE
+    assert make_sample("small", (folder / "small.png").read_bytes(), "a green square", transform).caption
+    try:
+        open_image(folder / "big.png", max_pixels=1000)
+        raise AssertionError("no error")
+    except ImageTooLarge as err:
+        assert "big.png is too large: 40 x 30 pixels, over the limit of 1,000" in str(err)
+    skipped = SkipCounter()
+    items = list(Corpus(str(folder), max_pixels=1000).items(skipped))
+    assert [item.key for item in items] == ["small.png"] and skipped.as_dict() == {IMAGE_TOO_LARGE: 1}

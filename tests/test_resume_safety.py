@@ -108,3 +108,15 @@ def test_resume_and_overwrite_go_anywhere_on_the_command_line():
     assert args.resume and not args.overwrite and args.overrides == ["train.steps=5", "train.seed=1"]
     args = build_parser().parse_intermixed_args(["--overwrite", "train.steps=5"])
     assert args.overwrite and args.overrides == ["train.steps=5"]
+
+
+def test_leftovers_of_an_interrupted_checkpoint_write_are_removed_on_the_next_run(tmp_path):
+    run(tmp_path / "run", steps=6)
+    root = tmp_path / "run" / "checkpoints"
+    staging = root / ".step-00000009.k3j2.tmp"  # a save killed while writing step 9
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half")
+    (root / ".latest.x1y2.tmp").write_text("step-000")
+    result, _ = run(tmp_path / "run", steps=9, resume=True)
+    assert result.step == 9
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000003", "step-00000006", "step-00000009"]

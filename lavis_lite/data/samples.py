@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from lavis_lite.data.transforms import PairTransform, to_rgb
+from lavis_lite.data.transforms import ImageTooLargeError, PairTransform, to_rgb
 
 logger = logging.getLogger("lavis_lite.data")
 
@@ -26,6 +26,7 @@ MISSING_IMAGE = "missing_image"
 MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
+IMAGE_TOO_LARGE = "image_too_large"
 READ_ERROR = "read_error"  # one per unreadable shard or tar member; the samples it held are not counted
 
 
@@ -67,9 +68,11 @@ def make_sample(
         return Skip(key, MISSING_IMAGE)
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as raw:
-            rgb = to_rgb(raw)
+            rgb = to_rgb(raw, transform.max_pixels)
     except FileNotFoundError:
         return Skip(key, MISSING_IMAGE)
+    except (ImageTooLargeError, Image.DecompressionBombError):
+        return Skip(key, IMAGE_TOO_LARGE)
     except Exception:  # PIL raises many types on bad bytes (OSError, SyntaxError, struct.error, bombs, ...)
         return Skip(key, CORRUPT_IMAGE)
     pixels, caption = transform(rgb, caption)

@@ -11,15 +11,26 @@ from PIL import Image, ImageOps
 from torchvision import transforms as T
 
 from lavis_lite.data.config import DataConfig
+from lavis_lite.errors import UserError
 
 BICUBIC = T.InterpolationMode.BICUBIC
 _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+MAX_IMAGE_PIXELS = 64_000_000  # the default limit: about 190 MB decoded in RGB
+
+
+class ImageTooLargeError(UserError):
+    """An image with more pixels than the limit allows (checked before it is decoded)."""
+
+
+def to_rgb(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """A decoded image as users mean it, in RGB: turned upright by its EXIF orientation, and high bit depths
-    (16-bit and 32-bit integer, float) scaled by their value range instead of clipped to white."""
+    (16-bit and 32-bit integer, float) scaled by their value range instead of clipped to white. An image of
+    more than `max_pixels` pixels raises ImageTooLargeError before anything is decoded."""
+    if image.width * image.height > max_pixels:
+        raise ImageTooLargeError(f"{image.width} x {image.height} pixels, over the limit of {max_pixels:,}")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
@@ -70,8 +81,10 @@ class PairTransform:
         hflip: bool = True,
         flip_swaps_left_right: bool = False,
         max_words: int = 50,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.hflip = train and hflip
+        self.max_pixels = max_pixels
         self.flip_swaps_left_right = flip_swaps_left_right
         self.max_words = max_words
         if train:
@@ -98,6 +111,7 @@ class PairTransform:
             hflip=cfg.hflip,
             flip_swaps_left_right=cfg.flip_swaps_left_right,
             max_words=cfg.max_words,
+            max_pixels=cfg.max_image_pixels,
         )
 
     def clean(self, caption: str) -> str:

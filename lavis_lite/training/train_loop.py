@@ -35,7 +35,7 @@ from lavis_lite.checkpoint import (
     set_rng_state,
 )
 from lavis_lite.config import ConfigError
-from lavis_lite.io import atomic_write_text
+from lavis_lite.io import atomic_write_text, remove_staging
 from lavis_lite.precision import resolve_autocast
 from lavis_lite.training.plots import plot_loss_curve
 from lavis_lite.training.train_config import OptimConfig, TrainConfig
@@ -245,8 +245,11 @@ class _Run:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
         )
         accelerator.wait_for_everyone()  # every rank has looked at the run directory before it changes
-        if earlier and not resume and accelerator.is_main_process:  # overwrite
-            _clear_run(run_dir)
+        if accelerator.is_main_process:
+            if earlier and not resume:  # overwrite
+                _clear_run(run_dir)
+            for leftover in remove_staging(run_dir / "checkpoints"):
+                log.warning("removed %s, left by an interrupted checkpoint write", leftover)
         accelerator.wait_for_everyone()
         _setup_logging(run_dir, accelerator.is_main_process)
         log.info("precision: %s (train.precision=%s), %d process(es)", precision, cfg.precision, accelerator.num_processes)
