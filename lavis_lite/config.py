@@ -203,7 +203,7 @@ def _load_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except OSError:  # omegaconf's answer to YAML that loads as a scalar
-        raise ConfigError(f"{path} is not a mapping: a config file maps keys to values (e.g. `train:` then `steps: 100`)") from None
+        loaded = None
     except Exception as err:  # yaml's parser errors and UnicodeDecodeError on binary files
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -238,25 +238,27 @@ def list_models() -> list[str]:
 
 def named_config(name_or_path: str | Path) -> Path:
     """A YAML path as given, or the packaged model config of that name (see `list_models()`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    named = config_dir() / "model" / f"{name_or_path}.yaml"
-    if not named.is_file():
-        raise ConfigError(f"no model config '{name_or_path}': give a YAML path or one of {list_models()}")
-    return named
+    return _packaged(name_or_path, "model/", "model config", list_models)
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
     """A recipe YAML as given, or a packaged recipe by name (`stage1/demo`, `stage2/paper-opt2.7b`, ...)."""
+
+    def recipes() -> list[str]:
+        found = (p for p in config_dir().glob("*/*.yaml") if p.parent.name != "model")
+        return sorted(str(p.relative_to(config_dir()).with_suffix("")) for p in found)
+
+    return _packaged(name_or_path, "", "recipe", recipes)
+
+
+def _packaged(name_or_path: str | Path, folder: str, what: str, known: Callable[[], list[str]]) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    packaged = config_dir() / f"{name_or_path}.yaml"
-    if packaged.is_file():
-        return packaged
-    known = sorted(str(p.relative_to(config_dir()).with_suffix("")) for p in config_dir().glob("*/*.yaml"))
-    raise ConfigError(f"no recipe '{name_or_path}': give a YAML path or one of {known}")
+    packaged = config_dir() / f"{folder}{name_or_path}.yaml"
+    if not packaged.is_file():
+        raise ConfigError(f"no {what} '{name_or_path}': give a YAML path or one of {known()}")
+    return packaged
 
 
 def load_model_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> ModelConfig:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lavis_lite.config import merge_config, recipe_path
+from lavis_lite.data.config import MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -17,7 +18,7 @@ class CorpusConfig:
     kind: str = "auto"  # auto | shards | folder | karpathy | table
     image_root: Optional[str] = None  # annotation files: root of their relative image paths (default: the file's folder)
     max_words: int = 50  # captions are cleaned and truncated as in training
-    max_image_pixels: int = 64_000_000  # larger images are skipped (image_too_large) before they are decoded
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped as image_too_large
 
 
 @dataclass

@@ -13,7 +13,6 @@ listed without decoding any image (`Corpus.entries`); `decode` opens one, and `C
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +37,8 @@ from lavis_lite.data.samples import (
     SkipCounter,
     SkipLog,
 )
-from lavis_lite.data.transforms import MAX_IMAGE_PIXELS, ImageTooLargeError, clean_caption, to_rgb
+from lavis_lite.data.config import MAX_IMAGE_PIXELS
+from lavis_lite.data.transforms import clean_caption, decode_image
 from lavis_lite.data.webdataset_pipeline import IMAGE_EXTENSIONS, list_shards, sample_caption
 from lavis_lite.errors import UserError
 from lavis_lite.inference.preprocess import ImageError, ImageTooLarge, open_image
@@ -123,13 +123,7 @@ def open_item_image(
         raise ImageError(f"image not found: shard {locator['shard']} is missing (was the corpus moved?)") from None
     except OSError as err:
         raise ImageError(f"cannot read image {name}: {err}") from None
-    try:
-        with Image.open(io.BytesIO(data)) as raw:
-            return to_rgb(raw, max_pixels)
-    except (ImageTooLargeError, Image.DecompressionBombError) as err:
-        raise ImageTooLarge(f"image {name} is too large: {err}") from None
-    except Exception as err:  # PIL raises many types on bad bytes
-        raise ImageError(f"cannot read image {name}: {err or type(err).__name__} (is it a valid image?)") from None
+    return decode_image(data, name, max_pixels)
 
 
 def detect_kind(path: str) -> str:

@@ -4,7 +4,7 @@ Every image is scored against every caption by ITC similarity (the best of the i
 recall@1/5/10 is reported text -> image and image -> text, then again after re-ranking each query's top k
 (`--rerank-k`, BLIP-2 uses 128; 0 skips it) by ITM logit + ITC similarity. The corpus is a COCO / Flickr30K
 Karpathy test JSON (`[{"image": path, "caption": [...]}]`, with `--image-root`), webdataset shards (default:
-the demo's held-out split, data/synthetic/val) or any other corpus retrieval.build reads. Writes the metrics
+the checkpoint run's held-out shards) or any other corpus `lavis-lite index` reads. Writes the metrics
 (fractions) to `--out` as JSON and prints them as a table.
 
 examples:
@@ -33,10 +33,9 @@ from lavis_lite.evaluation.retrieval_metrics import evaluate_similarity
 from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.io import atomic_write_text, check_writable
 from lavis_lite.models.stage1_model import Blip2Stage1
-from lavis_lite.precision import resolve_device, resolve_dtype
 
 from .corpus import Corpus, ImageProcessor, batched
-from .search import int_at_least
+from .search import add_placement_arguments, int_at_least, placement
 
 DEFAULT_OUT = "runs/retrieval-eval/metrics.json"
 SIMILARITY_BLOCK = 64  # images per block of the similarity matrix ([block, texts, queries] floats at a time)
@@ -56,9 +55,7 @@ def build_parser(prog: str = "lavis-lite evaluate") -> argparse.ArgumentParser:
     add("--out", default=DEFAULT_OUT, metavar="FILE", help=f"metrics JSON (default: {DEFAULT_OUT})")
     add("--batch-size", type=int_at_least(1), default=64, metavar="N", help="images / captions per forward pass")
     add("--num-workers", type=int_at_least(1), default=4, metavar="N", help="image decoding threads (default: 4)")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
-    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-        help="what the model computes in (default: auto, bf16 where the device runs it natively)")
+    add_placement_arguments(parser)
     return parser
 
 
@@ -102,8 +99,7 @@ def held_out_shards(checkpoint: str) -> str:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """The evaluation report: metrics (fractions), counts, skips and what was evaluated."""
     corpus = Corpus(args.corpus or held_out_shards(args.checkpoint), image_root=args.image_root, require_captions=True)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.precision, device, "--precision")
+    device, dtype = placement(args)
     model, vis_processors, _ = load_model_and_preprocess(args.checkpoint, device=device, dtype=dtype)
     skipped = SkipCounter()
     image_vectors, image_embeds, texts, img2txt, txt2img = embed_corpus(model, vis_processors["eval"], corpus, args, skipped)

@@ -29,14 +29,14 @@ from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_
 from lavis_lite.inference.gallery import GalleryItem, GallerySection, thumbnail, write_sections
 from lavis_lite.inference.preprocess import ImageError, open_image
 from lavis_lite.io import check_writable
-from lavis_lite.precision import resolve_device, resolve_dtype
+from lavis_lite.precision import DTYPES, resolve_device, resolve_dtype
 
 from .corpus import ImageProcessor, batched, corpus_roots, describe_locator, open_item_image
 from .index import Hit, IndexLoadError, RetrievalIndex
 
 log = logging.getLogger("lavis_lite.retrieval")
 TextCleaner = Callable[[str], str]  # a model's text processor
-BUILD_FIELDS = ("target", "checkpoint_id", "source")  # what retrieval.build writes into the manifest and search reads
+BUILD_FIELDS = ("target", "checkpoint_id", "source")  # what lavis-lite index writes into the manifest and search reads
 ITM_BATCH = 64  # candidate pairs per ITM forward pass
 
 
@@ -52,12 +52,25 @@ def int_at_least(minimum: int):
     return parse
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--precision`: where the model runs and what it computes in (`placement` reads them)."""
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
+    parser.add_argument("--precision", choices=["auto", *DTYPES], default="auto",
+                        help="what the model computes in (default: auto, bf16 where the device runs it natively)")
+
+
+def placement(args: argparse.Namespace) -> tuple[str, torch.dtype]:
+    """The device and compute dtype that `--device` and `--precision` name."""
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.precision, device, "--precision")
+
+
 def build_parser(prog: str = "lavis-lite search") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--index", required=True, metavar="DIR", help="index directory (the output_dir of retrieval.build)")
+    add("--index", required=True, metavar="DIR", help="index directory (the output_dir of lavis-lite index)")
     add("queries", nargs="*", metavar="TEXT", help="text queries (search an image index)")
     add("--image", action="append", default=[], metavar="PATH", help="an image query (searches a text index); repeatable")
     add("--checkpoint", metavar="DIR", help="stage-1 run or checkpoint (default: the one the index was built with)")
@@ -65,9 +78,7 @@ def build_parser(prog: str = "lavis-lite search") -> argparse.ArgumentParser:
     add("--rerank", type=int_at_least(0), default=0, metavar="N", help="ITM re-rank of the top N (default: 0, off)")
     add("--json", action="store_true", help="print JSON instead of a table")
     add("--html", metavar="FILE", help="also write an HTML gallery of the hits")
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="model device (default: auto)")
-    add("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-        help="what the model computes in (default: auto, bf16 where the device runs it natively)")
+    add_placement_arguments(parser)
     add("--nprobe", type=int_at_least(1), metavar="N", help="IVF lists searched (default: the index's)")
     add("--ef-search", type=int_at_least(1), metavar="N", help="HNSW beam width (default: the index's)")
     return parser
@@ -120,8 +131,7 @@ def load_model(args: argparse.Namespace, manifest: dict) -> tuple[Blip2FeatureEx
     """The model that embeds the queries, checked against the one the index was built with."""
     checkpoint = args.checkpoint or manifest["source"]
     try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.precision, device, "--precision")
+        device, dtype = placement(args)
         model, vis_processors, txt_processors = load_model_and_preprocess(checkpoint, device=device, dtype=dtype)
     except (OSError, UserError) as err:
         given = "--checkpoint" if args.checkpoint else "the index's checkpoint"

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from lavis_lite.config import at_least
 
+MAX_IMAGE_PIXELS = 64_000_000  # images with more pixels are refused before they are decoded (~190 MB in RGB)
+
 
 @dataclass
 class DataConfig:
@@ -30,7 +32,7 @@ class DataConfig:
     cache_features: bool = False
     cache_dir: str = "data/cache"
     trace_encoder: bool = True  # torch.jit.trace + freeze a CNN encoder while caching on CPU (2.3x faster)
-    max_image_pixels: int = 64_000_000  # larger images are skipped (image_too_large) before they are decoded
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped as image_too_large
 
     def __post_init__(self) -> None:
         at_least("data", self, batch_size=1, num_workers=0, shuffle_buffer=1, max_words=1, max_image_pixels=1)

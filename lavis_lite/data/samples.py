@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -12,11 +11,10 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
-from lavis_lite.data.transforms import ImageTooLargeError, PairTransform, to_rgb
+from lavis_lite.data.transforms import ImageError, ImageTooLarge, PairTransform, decode_image
 
 logger = logging.getLogger("lavis_lite.data")
 
@@ -67,13 +65,12 @@ def make_sample(
     if image is None:
         return Skip(key, MISSING_IMAGE)
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as raw:
-            rgb = to_rgb(raw, transform.max_pixels)
+        rgb = decode_image(image, key, transform.max_pixels)
     except FileNotFoundError:
         return Skip(key, MISSING_IMAGE)
-    except (ImageTooLargeError, Image.DecompressionBombError):
+    except ImageTooLarge:
         return Skip(key, IMAGE_TOO_LARGE)
-    except Exception:  # PIL raises many types on bad bytes (OSError, SyntaxError, struct.error, bombs, ...)
+    except ImageError:
         return Skip(key, CORRUPT_IMAGE)
     pixels, caption = transform(rgb, caption)
     return Sample(pixels, caption, key)

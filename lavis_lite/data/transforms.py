@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import re
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from lavis_lite.data.config import DataConfig
+from lavis_lite.data.config import MAX_IMAGE_PIXELS, DataConfig
 from lavis_lite.errors import UserError
 
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -18,19 +20,34 @@ _PUNCTUATION = re.compile(r"([.!\"()*#:;~])")
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 
 
-MAX_IMAGE_PIXELS = 64_000_000  # the default limit: about 190 MB decoded in RGB
+class ImageError(UserError):
+    """An image file that cannot be used; the message names the file and the problem."""
 
 
-class ImageTooLargeError(UserError):
+class ImageTooLarge(ImageError):
     """An image with more pixels than the limit allows (checked before it is decoded)."""
+
+
+def decode_image(source: str | Path | bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """A file's or encoded bytes' image in RGB (`to_rgb`), decoded in full so that truncated data fails here.
+    FileNotFoundError for a missing file; ImageTooLarge / ImageError naming `name` otherwise."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as raw:
+            return to_rgb(raw, max_pixels)
+    except FileNotFoundError:
+        raise
+    except (ImageTooLarge, Image.DecompressionBombError) as err:
+        raise ImageTooLarge(f"image {name} is too large: {err}") from None
+    except Exception as err:  # PIL raises many types on bad bytes (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise ImageError(f"cannot read image {name}: {err or type(err).__name__} (is it a valid image file?)") from None
 
 
 def to_rgb(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """A decoded image as users mean it, in RGB: turned upright by its EXIF orientation, and high bit depths
     (16-bit and 32-bit integer, float) scaled by their value range instead of clipped to white. An image of
-    more than `max_pixels` pixels raises ImageTooLargeError before anything is decoded."""
+    more than `max_pixels` pixels raises ImageTooLarge before anything is decoded."""
     if image.width * image.height > max_pixels:
-        raise ImageTooLargeError(f"{image.width} x {image.height} pixels, over the limit of {max_pixels:,}")
+        raise ImageTooLarge(f"{image.width} x {image.height} pixels, over the limit of {max_pixels:,}")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)

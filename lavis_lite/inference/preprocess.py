@@ -9,19 +9,12 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from lavis_lite.data.transforms import MAX_IMAGE_PIXELS, ImageTooLargeError, PairTransform, to_rgb
-from lavis_lite.errors import UserError
+from lavis_lite.data.config import MAX_IMAGE_PIXELS
+from lavis_lite.data.transforms import ImageError, ImageTooLarge, PairTransform, decode_image
 from lavis_lite.models.stage2_model import Blip2Stage2
 
 ImageInput = Union[Image.Image, str, Path]
-
-
-class ImageError(UserError):
-    """An image file that cannot be used; the message names the file and the problem."""
-
-
-class ImageTooLarge(ImageError):
-    """An image over the pixel limit: a corpus counts it as `image_too_large`."""
+__all__ = ["ImageError", "ImageTooLarge", "ImageInput", "caption_images", "image_processor", "load_images", "open_image"]
 
 
 def image_processor(model: nn.Module) -> Callable[[Image.Image], Tensor]:
@@ -37,17 +30,11 @@ def image_processor(model: nn.Module) -> Callable[[Image.Image], Tensor]:
 
 def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """A file's image, decoded in RGB; `ImageError` naming the file when it is missing, unreadable or larger
-    than `max_pixels`."""
+    than `max_pixels` (`ImageTooLarge`)."""
     try:
-        with Image.open(path) as raw:
-            return to_rgb(raw, max_pixels)  # decodes the whole file: truncated data fails here, not later
+        return decode_image(path, str(path), max_pixels)
     except FileNotFoundError:
         raise ImageError(f"image not found: {path} (check the path)") from None
-    except (ImageTooLargeError, Image.DecompressionBombError) as err:
-        raise ImageTooLarge(f"image {path} is too large: {err}") from None
-    except Exception as err:  # PIL raises many types on bad bytes (UnidentifiedImageError, OSError, SyntaxError, ...)
-        problem = str(err) or type(err).__name__
-        raise ImageError(f"cannot read image {path}: {problem} (is it a valid image file?)") from None
 
 
 def load_images(images: Sequence[ImageInput], processor: Callable[[Image.Image], Tensor]) -> Tensor:

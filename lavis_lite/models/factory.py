@@ -74,7 +74,11 @@ def load_stage1_checkpoint(
             f"{path} is not a stage-1 checkpoint ({found}): give a stage-1 run directory (the train.output_dir of "
             "lavis-lite train-stage1) or one of its checkpoints/step-N directories"
         )
-    model, tokenizer = create_model(merge_config(ModelConfig, [model_config], overrides))
+    # The trained weights replace the BERT initialisation: of `qformer.bert` only its tokenizer is needed.
+    qformer = model_config.get("qformer") or {}
+    tokenizer_dir = qformer.get("tokenizer") or qformer.get("bert")
+    weights_only = ["qformer.bert=null", *([f"qformer.tokenizer={tokenizer_dir}"] if tokenizer_dir else [])]
+    model, tokenizer = create_model(merge_config(ModelConfig, [model_config], [*weights_only, *overrides]))
     load_trainable_state_dict(model, load_weights(path), str(path))
     return model.to(device).eval(), tokenizer
 

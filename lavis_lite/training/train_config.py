@@ -6,9 +6,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lavis_lite.config import ConfigError, at_least
-
-PRECISIONS = ("auto", "fp32", "no", "bf16", "fp16")  # `no` is accelerate's name for fp32
+from lavis_lite.config import at_least
+from lavis_lite.precision import resolve_autocast
 
 
 @dataclass
@@ -49,8 +48,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         at_least("train", self, steps=1, grad_accum=1, log_every=1, save_every=1, keep_checkpoints=1, max_nonfinite=1)
         at_least("train", self, eval_every=0)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.precision != "auto":
+            resolve_autocast(self.precision)  # rejects an unknown name
 
 
 def training_parser(prog: str, description: str, default_config: str, example: str, overrides: str) -> argparse.ArgumentParser:

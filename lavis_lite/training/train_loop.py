@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
-import torch.distributed as dist
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -35,6 +34,7 @@ from lavis_lite.checkpoint import (
     set_rng_state,
 )
 from lavis_lite.config import ConfigError
+from lavis_lite.distributed import gather_objects
 from lavis_lite.io import atomic_write_text, remove_staging
 from lavis_lite.precision import resolve_autocast
 from lavis_lite.training.plots import plot_loss_curve
@@ -339,10 +339,7 @@ class _Run:
 
     def checkpoint(self, step: int, nonfinite_total: int) -> None:
         """Every rank's RNG state gathered; the main process writes the checkpoint and re-plots the loss curve."""
-        states = [rng_state()]
-        if self.accelerator.num_processes > 1:
-            states = [None] * self.accelerator.num_processes
-            dist.all_gather_object(states, rng_state())
+        states = gather_objects(rng_state())
         if self.is_main:
             saved = save_checkpoint(
                 self.run_dir,
@@ -367,7 +364,19 @@ class _Run:
         self.accelerator.wait_for_everyone()
 
     def evaluate(self, evaluate: Evaluate, step: int) -> dict:
-        return _evaluate(evaluate, self.unwrapped, self.accelerator, self.writer, step, self.run_dir)
+        """Evaluate on every process (the evaluation splits its work across ranks and returns the whole result
+        on each); the main process writes metrics.json atomically and to TensorBoard."""
+        self.unwrapped.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            metrics = {"step": step, **evaluate(self.unwrapped)}
+        if self.is_main:
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(f"eval/{key}", value, step)
+            log.info("eval at step %d: %s", step, json.dumps(metrics))
+        self.accelerator.wait_for_everyone()
+        return metrics
 
     def close(self) -> None:
         if self.writer is not None:
@@ -407,7 +416,7 @@ def _truncate_history(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _tensorboard(run_dir: Path):
@@ -415,18 +424,3 @@ def _tensorboard(run_dir: Path):
 
     return SummaryWriter(str(run_dir / "tensorboard"))
 
-
-def _evaluate(evaluate: Evaluate, model: nn.Module, accelerator: Accelerator, writer, step: int, run_dir: Path) -> dict:
-    """Evaluate on every process (the evaluation splits its work across ranks and returns the whole result on
-    each); the main process writes metrics.json atomically and to TensorBoard."""
-    model.eval()
-    with torch.no_grad(), accelerator.autocast():
-        metrics = {"step": step, **evaluate(model)}
-    if accelerator.is_main_process:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key != "step":
-                writer.add_scalar(f"eval/{key}", value, step)
-        log.info("eval at step %d: %s", step, json.dumps(metrics))
-    accelerator.wait_for_everyone()
-    return metrics
