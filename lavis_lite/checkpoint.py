@@ -132,7 +132,7 @@ def read_state_dict(path: str | Path, setting: str = "weights") -> dict[str, tor
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise many types
         raise ConfigError(
-            f"{setting}={path} is not a readable weights file ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            f"{setting}={path} is not a readable weights file ({_describe(err, 160)})"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -140,6 +140,12 @@ def read_state_dict(path: str | Path, setting: str = "weights") -> dict[str, tor
     if not isinstance(state, dict):
         raise ConfigError(f"{setting}={path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
+
+
+def _describe(err: Exception, limit: int) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
 
 
 def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -163,7 +169,7 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on foreign bytes
         raise ConfigError(
-            f"{path} is not a training state lavis_lite wrote ({type(err).__name__}: {str(err).splitlines()[0][:200]}): "
+            f"{path} is not a training state lavis_lite wrote ({_describe(err, 200)}): "
             "resume from another checkpoint, or start the run again"
         ) from None
     if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):

@@ -220,7 +220,7 @@ def at_least(section: str, config: Any, **minimums: int) -> None:
     for key, minimum in minimums.items():
         value = getattr(config, key)
         if value < minimum:
-            raise ConfigError(f"{section}.{key}={value}: must be at least {minimum}")
+            raise ConfigError(f"{section + '.' if section else ''}{key}={value}: must be at least {minimum}")
 
 
 def _checked(apply: Callable[[], Any], source: str) -> Any:

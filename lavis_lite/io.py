@@ -97,16 +97,25 @@ def recover_dir(final: str | Path) -> None:
             os.rename(aside, final)
 
 
-def remove_staging(parent: str | Path) -> list[Path]:
-    """What interrupted writers left in `parent` (a folder with one writer, such as a run's checkpoints): a copy
-    set aside mid-replacement is put back or dropped (`recover_dir`), staging folders and temporary files
-    (`.NAME.*.tmp*`) are removed. Returns the removed paths."""
+def remove_dir(path: str | Path) -> None:
+    """Delete a directory so that a crash leaves it whole or gone: it is first renamed to a temporary name
+    (`.NAME.*.tmp`, which `remove_staging` removes), then deleted."""
+    path = Path(path)
+    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.rename(path, doomed)  # onto the empty directory mkdtemp made: atomic on POSIX
+    shutil.rmtree(doomed)
+
+
+def remove_staging(parent: str | Path, name: str = "*") -> list[Path]:
+    """What interrupted writers of `parent/name` left in `parent` (`name="*"`: a folder with one writer, such as
+    a run's checkpoints): a copy set aside mid-replacement is put back or dropped (`recover_dir`), staging
+    folders and temporary files (`.NAME.*.tmp*`) are removed. Returns the removed paths."""
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    for replaced in parent.glob(".*.replaced"):
+    for replaced in parent.glob(f".{name}.replaced"):
         recover_dir(parent / replaced.name[1 : -len(".replaced")])
-    leftovers = sorted(parent.glob(".*.tmp*"))
+    leftovers = sorted(parent.glob(f".{name}.*.tmp*"))
     for path in leftovers:
         if path.is_dir():
             shutil.rmtree(path)
@@ -129,12 +138,19 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def check_writable(path: str | Path, setting: str) -> None:
-    """UserError naming `setting` unless a file can be written at `path` (checked before long work, not after):
-    not a directory, no file where a parent directory should be, and the nearest existing parent writable."""
+def check_writable(path: str | Path, setting: str, directory: bool = False) -> None:
+    """UserError naming `setting` unless a file (`directory`: a directory) can be written at `path`, checked
+    before long work, not after: not a directory (a file), no file where a parent directory should be, and the
+    nearest existing parent writable."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not directory:
         raise UserError(f"{setting} {path} is a directory: give a file path")
+    if path.exists() and directory and not path.is_dir():
+        raise UserError(f"{setting} {path} is a file: give a directory path")
+    if directory and path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"{setting} {path} is not writable")
+        return
     parent = path.parent
     while not parent.exists():
         parent = parent.parent

@@ -28,15 +28,16 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from lavis_lite.config import ConfigError
+from lavis_lite.config import ConfigError, at_least
 from lavis_lite.data import SkipCounter
-from lavis_lite.errors import UserError
+from lavis_lite.errors import CommandParser, UserError
+from lavis_lite.io import check_writable
 from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.precision import resolve_device, resolve_dtype
 
 from .config import TARGETS, BuildConfig, load_build_config
-from .corpus import Corpus, CorpusEntry, ImageProcessor, batched
-from .index import IndexWriter
+from .corpus import CORPUS_KINDS, Corpus, CorpusEntry, ImageProcessor, batched
+from .index import INDEX_OPTIONS, INDEX_TYPES, IndexWriter
 
 DEFAULT_CONFIG = "retrieval/demo"
 log = logging.getLogger("lavis_lite.retrieval")
@@ -49,8 +50,17 @@ def check_config(cfg: BuildConfig) -> None:
             raise ConfigError(f"{key} is not set: give it in the YAML or as {key}=...")
     if cfg.target not in TARGETS:
         raise ConfigError(f"target={cfg.target!r}: choose image (text -> image search) or text (image -> text)")
-    if cfg.batch_size < 1 or cfg.chunk_size < 1:
-        raise ConfigError(f"batch_size and chunk_size must be at least 1 (got {cfg.batch_size}, {cfg.chunk_size})")
+    at_least("", cfg, batch_size=1, chunk_size=1, num_workers=0)
+    at_least("corpus", cfg.corpus, max_words=1, max_image_pixels=1)
+    if cfg.corpus.kind not in CORPUS_KINDS:
+        raise ConfigError(f"corpus.kind={cfg.corpus.kind!r}: choose from {list(CORPUS_KINDS)}")
+    if cfg.index_type != "auto" and cfg.index_type not in INDEX_TYPES:
+        raise ConfigError(f"index_type={cfg.index_type!r}: choose auto or one of {list(INDEX_TYPES)}")
+    unknown = sorted(set(cfg.index_options) - set(INDEX_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown index_options {unknown}: known are {sorted(INDEX_OPTIONS)}")
+    resolve_dtype(cfg.precision, "cpu", "precision")
+    check_writable(cfg.output_dir, "output_dir", directory=True)
 
 
 def index_manifest(cfg: BuildConfig, model: Blip2FeatureExtractor, corpus: Corpus) -> dict[str, Any]:
@@ -121,7 +131,7 @@ def run(cfg: BuildConfig) -> Path:
             if chunk_id not in done:
                 start = time.perf_counter()
                 if text:
-                    vectors, items = embed_texts(model, entries, cfg)
+                    vectors, items = embed_texts(model, list(corpus.decodable(entries, skipped, cfg.num_workers)), cfg)
                 else:
                     vectors, items = embed_images(model, vis_processors["eval"], corpus, entries, cfg, skipped)
                 writer.write_chunk(chunk_id, vectors, items)
@@ -138,7 +148,7 @@ def run(cfg: BuildConfig) -> Path:
 
 
 def build_parser(prog: str = "lavis-lite index") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="RECIPE", help=f"a YAML path or a packaged recipe name (default: {DEFAULT_CONFIG})")

@@ -13,6 +13,7 @@ listed without decoding any image (`Corpus.entries`); `decode` opens one, and `C
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ from lavis_lite.data.samples import (
     MISSING_CAPTION,
     MISSING_IMAGE,
     READ_ERROR,
+    UNSUPPORTED_FILE,
     Skip,
     SkipCounter,
     SkipLog,
@@ -45,6 +47,7 @@ from lavis_lite.inference.preprocess import ImageError, ImageTooLarge, open_imag
 
 CORPUS_KINDS = ("auto", "shards", "folder", "karpathy", "table")
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_FOLDER_KNOWN = FOLDER_IMAGE_SUFFIXES + (".txt", ".json")  # sidecars are read or ignored; other files are counted
 Locator = dict[str, Any]  # {"path": str} or {"shard": str, "offset": int, "size": int}
 MAX_ITEM_BYTES = 256 << 20  # the most one item's encoded image may take in a shard
 ImageProcessor = Callable[[Image.Image], Tensor]  # a model's eval transform: PIL image -> [3, S, S]
@@ -167,9 +170,23 @@ class Corpus:
         self._log = SkipLog()
 
     def describe(self) -> dict[str, Any]:
-        """What the corpus is, for an index manifest."""
+        """What the corpus is, for an index manifest: an interrupted build resumes only onto the same
+        `fingerprint` (the name, size and modification time of every file it reads entries from)."""
         root = os.path.abspath(self.image_root) if self.image_root else None
-        return {"kind": self.kind, "path": os.path.abspath(self.path), "image_root": root}
+        return {"kind": self.kind, "path": os.path.abspath(self.path), "image_root": root, "fingerprint": self._fingerprint()}
+
+    def _fingerprint(self) -> str:
+        if self.kind == "shards":
+            files = [Path(shard) for shard in list_shards(self.path)]
+        elif self.kind == "folder":
+            files = sorted(p for p in Path(self.path).rglob("*") if p.is_file())
+        else:
+            files = [Path(self.path)]
+        digest = hashlib.blake2b(digest_size=12)
+        for path in files:
+            stat = path.stat() if path.is_file() else None
+            digest.update(f"{path}\0{stat and stat.st_size}\0{stat and stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()
 
     def _skip(self, skipped: SkipCounter, key: str, reason: str) -> None:
         skipped.add(reason)
@@ -250,6 +267,17 @@ class Corpus:
         if kept:
             yield kept, torch.stack(pixels)
 
+    def decodable(self, entries: Iterable[CorpusEntry], skipped: SkipCounter, num_workers: int = 4) -> Iterator[CorpusEntry]:
+        """The entries whose image decodes (`num_workers` threads), in order; the others skipped and counted.
+        A text index checks its images this way: its hits show them."""
+        with ThreadPoolExecutor(max(1, num_workers)) as pool:
+            for batch in batched(entries, 64):
+                for entry, image in zip(batch, pool.map(lambda e: _open(e, self.max_pixels), batch)):
+                    if isinstance(image, str):
+                        self._skip(skipped, entry.key, image)
+                    else:
+                        yield entry
+
     def items(self, skipped: SkipCounter) -> Iterator[CorpusItem]:
         """Every usable entry with its decoded image."""
         for entry in self.entries(skipped):
@@ -283,6 +311,8 @@ class Corpus:
             (p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_SUFFIXES and p.is_file()),
             key=lambda p: p.relative_to(root).as_posix(),
         )
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() not in _FOLDER_KNOWN):
+            self._skip(skipped, path.relative_to(root).as_posix(), UNSUPPORTED_FILE)
         for path in files:
             sidecar = path.with_suffix(".txt")
             captions = [sidecar.read_text(encoding="utf-8", errors="replace")] if sidecar.is_file() else []

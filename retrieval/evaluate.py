@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
 from lavis_lite.data import SkipCounter
-from lavis_lite.errors import UserError
+from lavis_lite.errors import CommandParser, UserError
 from lavis_lite.evaluation.retrieval_metrics import evaluate_similarity
 from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.io import atomic_write_text, check_writable
@@ -42,7 +42,7 @@ SIMILARITY_BLOCK = 64  # images per block of the similarity matrix ([block, text
 
 
 def build_parser(prog: str = "lavis-lite evaluate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument

@@ -50,9 +50,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lavis_lite.errors import UserError
-from lavis_lite.io import atomic_write, recover_dir, replace_dir
+from lavis_lite.io import atomic_write, recover_dir, remove_dir, remove_staging, replace_dir
 
-from .metadata import ITEMS_FILE, OFFSETS_FILE, MetadataStore, MetadataWriter
+from .metadata import ITEMS_FILE, OFFSETS_FILE, IndexLoadError, MetadataStore, MetadataWriter
 
 logger = logging.getLogger("lavis_lite.retrieval")
 
@@ -102,10 +102,6 @@ INDEX_OPTIONS = {  # index_options keys; resolve_index_options fills in the defa
     "ef_construction": "HNSW build beam (80)",
     "ef_search": "HNSW search beam, a search default (128; at least the vectors fetched)",
 }
-
-
-class IndexLoadError(UserError):
-    """A retrieval index (or an interrupted build) on disk is missing, incomplete or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -365,15 +361,18 @@ class IndexWriter:
         self._finalized = False
         settings = {"dim": dim, "vectors_per_item": vectors_per_item, "manifest": manifest}
         settings_path = self.staging / SETTINGS_FILE
+        for parent, name in ((self.out_dir.parent, self.out_dir.name), (self.staging.parent, self.staging.name)):
+            for leftover in remove_staging(parent, name):
+                logger.warning("removed %s, left by an interrupted build", leftover)
         if self.staging.exists() and not resume:
-            shutil.rmtree(self.staging)
+            remove_dir(self.staging)
         elif settings_path.exists():
             staged = _read_json(settings_path)
             if staged != settings:
-                diff = [f"{key}: {staged.get(key)!r} staged, {value!r} now" for key, value in settings.items() if staged.get(key) != value]
+                diff = ", ".join(_differences(staged, settings))
                 raise IndexLoadError(
-                    f"{self.staging} holds an interrupted build with other settings ({'; '.join(diff)}): "
-                    "build with the same settings to resume it, or pass resume=False to discard it"
+                    f"{self.staging} holds an interrupted build with other settings ({diff}): "
+                    "build with the same settings to resume it, or discard it (resume=False)"
                 )
         elif self._chunk_dir.exists() and any(self._chunk_dir.iterdir()):
             raise IndexLoadError(f"{settings_path} is missing next to chunk files: pass resume=False to discard them")
@@ -429,9 +428,17 @@ class IndexWriter:
             manifest=self.manifest,
             work_dir=self.staging / "build",
         )
-        shutil.rmtree(self.staging)
+        remove_dir(self.staging)
         self._finalized = True
         return self.out_dir
+
+
+def _differences(staged: Any, now: Any, key: str = "") -> list[str]:
+    """The settings that differ, by dotted key, e.g. "manifest.corpus.fingerprint: 'ab12' staged, 'cd34' now"."""
+    if isinstance(staged, dict) and isinstance(now, dict):
+        keys = sorted(set(staged) | set(now))
+        return [d for k in keys for d in _differences(staged.get(k), now.get(k), f"{key}.{k}" if key else k)]
+    return [] if staged == now else [f"{key}: {staged!r} staged, {now!r} now"]
 
 
 def _read_json(path: Path) -> Any:

@@ -18,8 +18,14 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from lavis_lite.errors import UserError
+
 ITEMS_FILE = "items.jsonl"
 OFFSETS_FILE = "items.offsets.npy"
+
+
+class IndexLoadError(UserError):
+    """A retrieval index (or an interrupted build) on disk is missing, incomplete or inconsistent."""
 
 
 class MetadataWriter:
@@ -51,8 +57,20 @@ class MetadataStore:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self._offsets = np.load(self.directory / OFFSETS_FILE, mmap_mode="r")
-        self._fd = os.open(self.directory / ITEMS_FILE, os.O_RDONLY)
+        offsets_path, items_path = self.directory / OFFSETS_FILE, self.directory / ITEMS_FILE
+        try:
+            self._offsets = np.load(offsets_path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise IndexLoadError(f"{offsets_path} is not a readable offsets file ({err}): rebuild the index") from None
+        size = items_path.stat().st_size
+        offsets = self._offsets
+        if offsets.dtype != np.int64 or offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != size:
+            raise IndexLoadError(
+                f"{offsets_path} does not describe {items_path} ({size} bytes): rebuild the index"
+            )
+        if len(offsets) > 1 and np.any(np.diff(offsets) <= 0):
+            raise IndexLoadError(f"{offsets_path} holds offsets out of order: rebuild the index")
+        self._fd = os.open(items_path, os.O_RDONLY)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -64,7 +82,15 @@ class MetadataStore:
             if not 0 <= item_id < len(self):
                 raise IndexError(f"item id {item_id} out of range: the index holds {len(self)} items")
             start, end = int(self._offsets[item_id]), int(self._offsets[item_id + 1])
-            items.append(json.loads(os.pread(self._fd, end - start, start)))
+            try:
+                item = json.loads(os.pread(self._fd, end - start, start))
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                raise IndexLoadError(
+                    f"{self.directory / ITEMS_FILE}: item {item_id} is not a JSON line ({err}): rebuild the index"
+                ) from None
+            if not isinstance(item, dict):
+                raise IndexLoadError(f"{self.directory / ITEMS_FILE}: item {item_id} is not a JSON object: rebuild the index")
+            items.append(item)
         return items
 
     def close(self) -> None:

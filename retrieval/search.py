@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from PIL import Image
 
-from lavis_lite.errors import UserError
+from lavis_lite.errors import CommandParser, UserError
 from lavis_lite.inference.features import Blip2FeatureExtractor, load_model_and_preprocess
 from lavis_lite.inference.gallery import GalleryItem, GallerySection, thumbnail, write_sections
 from lavis_lite.inference.preprocess import ImageError, open_image
@@ -32,7 +32,8 @@ from lavis_lite.io import check_writable
 from lavis_lite.precision import DTYPES, resolve_device, resolve_dtype
 
 from .corpus import ImageProcessor, batched, corpus_roots, describe_locator, open_item_image
-from .index import Hit, IndexLoadError, RetrievalIndex
+from .index import Hit, RetrievalIndex
+from .metadata import IndexLoadError
 
 log = logging.getLogger("lavis_lite.retrieval")
 TextCleaner = Callable[[str], str]  # a model's text processor
@@ -66,7 +67,7 @@ def placement(args: argparse.Namespace) -> tuple[str, torch.dtype]:
 
 
 def build_parser(prog: str = "lavis-lite search") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument

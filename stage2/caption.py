@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lavis_lite.errors import UserError
+from lavis_lite.errors import CommandParser, UserError
 from lavis_lite.inference.preprocess import ImageError, caption_images, open_image
 from lavis_lite.models.factory import load_stage2_checkpoint
 from lavis_lite.models.stage2_model import Blip2Stage2
@@ -31,7 +31,7 @@ def positive_int(text: str) -> int:
 
 def build_parser(prog: str = "lavis-lite caption") -> argparse.ArgumentParser:
     """The command line: --checkpoint DIR, the images and the generation settings."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="stage-2 run or checkpoint directory")

@@ -266,6 +266,32 @@ def test_interrupted_build_resumes(assets, indexes, tmp_path, monkeypatch):
     assert resumed.search(query, 5) == whole.search(query, 5)
 
 
+def test_a_build_does_not_resume_onto_a_changed_corpus(assets, tmp_path, monkeypatch, capsys):
+    """An interrupted build's chunks were embedded from the corpus as it was: after a shard is added, the same
+    command stops with an error naming the change; `resume=false` builds afresh from the corpus as it is."""
+    root, _ = assets
+    corpus = tmp_path / "corpus"
+    shutil.copytree(root / "data/val", corpus)
+    args = [*build_args(assets, tmp_path / "index"), f"corpus.path={corpus}"]
+
+    def killed(self, chunk_id, vectors, items):
+        raise KeyboardInterrupt
+
+    write_chunk = IndexWriter.write_chunk
+    monkeypatch.setattr(IndexWriter, "write_chunk", lambda self, *a: (write_chunk(self, *a), killed(self, *a)))
+    with pytest.raises(KeyboardInterrupt):
+        build.main(args)
+    monkeypatch.setattr(IndexWriter, "write_chunk", write_chunk)
+    shards = sorted(corpus.glob("*.tar"))
+    shutil.copy(shards[0], corpus / "extra-000000.tar")
+    capsys.readouterr()
+    assert build.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "manifest.corpus.fingerprint" in err and "resume=False" in err, err
+    assert build.main([*args, "resume=false"]) == 0
+    assert RetrievalIndex.load(tmp_path / "index").manifest["count"] == IMAGES + len(list(Corpus(str(shards[0])).entries(SkipCounter())))
+
+
 def test_corpus_readers_skip_and_count(tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)

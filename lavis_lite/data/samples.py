@@ -25,6 +25,7 @@ MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 IMAGE_TOO_LARGE = "image_too_large"
+UNSUPPORTED_FILE = "unsupported_file"  # a file of an image folder that is not an image we read (.ico, .svg, ...)
 READ_ERROR = "read_error"  # one per unreadable shard or tar member; the samples it held are not counted
 
 

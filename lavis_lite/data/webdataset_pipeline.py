@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tarfile
 from functools import partial
 from pathlib import Path
@@ -119,18 +120,31 @@ class _Shuffle(wds.PipelineStage):
 
 
 class _ReadErrors:
-    """A webdataset exception handler: an unreadable shard or tar member becomes a `read_error` skip."""
+    """A webdataset exception handler: an unreadable shard or tar member becomes a `read_error` skip.
+
+    webdataset reports a shard cut short twice, from the member it was reading and from the tar stream that
+    then ends: the second report of the same file, with no sample in between, is not counted again."""
 
     def __init__(self) -> None:
         self.pending: list[Skip] = []
+        self.last_file: Optional[str] = None
 
     def __call__(self, exn: Exception) -> bool:
-        self.pending.append(Skip(f"{type(exn).__name__}: {exn}", READ_ERROR))
+        found = _FILE_NAME.search(str(exn))
+        file = found.group(1) if found else None
+        if file is None or file != self.last_file:
+            self.pending.append(Skip(f"{type(exn).__name__}: {exn}", READ_ERROR))
+        self.last_file = file
         return True  # continue with the next member or shard
 
     def drain(self) -> Iterator[Skip]:
+        """The skips so far; called before each sample, so that a later error of the same file counts again."""
         while self.pending:
             yield self.pending.pop(0)
+        self.last_file = None
+
+
+_FILE_NAME = re.compile(r"name='([^']+)'")  # the file in webdataset's messages: "... <_io.BufferedReader name='x.tar'>"
 
 
 def sample_caption(raw: dict[str, Any]) -> Optional[str]:

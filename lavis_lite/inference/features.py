@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -25,7 +26,8 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from lavis_lite.data.feature_cache import trace_encoder
 from lavis_lite.data.transforms import clean_caption
-from lavis_lite.errors import UserError
+from lavis_lite.config import list_models
+from lavis_lite.errors import MissingFileError, UserError
 from lavis_lite.inference.preprocess import image_processor
 from lavis_lite.models.factory import create_model, load_stage1_checkpoint
 from lavis_lite.models.stage1_model import Blip2Stage1
@@ -234,6 +236,11 @@ def load_model_and_preprocess(
     dtype = resolve_dtype("auto", device) if dtype is None else dtype
     # No backward pass here: SDPA, unlike for training on CPU, is the faster attention (unless overridden).
     overrides = ["qformer.attn_impl=sdpa", *overrides, "vision.precision=fp32"]
+    if not Path(name_or_checkpoint).exists() and (os.sep in str(name_or_checkpoint) or str(name_or_checkpoint).startswith(".")):
+        raise MissingFileError(
+            f"checkpoint {name_or_checkpoint} does not exist: give a stage-1 run directory, one of its "
+            f"checkpoints/step-N directories, or a model config name ({', '.join(list_models())})"
+        )
     if Path(name_or_checkpoint).is_dir():
         model, tokenizer = load_stage1_checkpoint(name_or_checkpoint, overrides)
     else:

@@ -64,6 +64,10 @@ def load_language_model(
     path = Path(cfg.path)
     if not path.exists():
         raise ConfigError(f"llm.path={path} does not exist: give a transformers model directory or a .gguf file")
+    if path.is_file() and path.suffix != ".gguf":
+        raise ConfigError(f"llm.path={path} is a file but not a .gguf: give a transformers model directory or a .gguf file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"llm.path={path} holds no config.json: give a transformers model directory or a .gguf file")
     if path.suffix == ".gguf":
         if cfg.cache_dir is None:
             raise ConfigError(f"llm.path={path} is a GGUF file: set llm.cache_dir for its dequantised copy")

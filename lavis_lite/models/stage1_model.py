@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lavis_lite.config import ModelConfig
+from lavis_lite.config import ConfigError, ModelConfig
 from lavis_lite.distributed import gather_no_grad, gather_padded, gather_with_grad, world
 from lavis_lite.models.losses import itc_loss, itg_loss, itm_loss, sample_negatives
 from lavis_lite.models.masks import build_attention_mask
@@ -38,7 +38,7 @@ class Blip2Stage1(nn.Module):
         super().__init__()
         unknown = sorted(set(cfg.losses) - set(KNOWN_LOSSES))
         if unknown:
-            raise ValueError(f"unknown loss {unknown} in losses={cfg.losses}: choose from {list(KNOWN_LOSSES)}")
+            raise ConfigError(f"unknown loss {unknown} in losses={cfg.losses}: choose from {list(KNOWN_LOSSES)}")
         self.cfg = cfg
         self.bos_token_id = cfg.qformer.vocab_size - 1 if bos_token_id is None else bos_token_id
         self.pad_token_id = pad_token_id

@@ -16,6 +16,8 @@ def build_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             f"tokenizer directory not found: {path}: set qformer.tokenizer or qformer.bert to a BERT directory"
             " (the demo's: make demo-assets)"
         )
+    if not any((Path(path) / name).is_file() for name in ("vocab.txt", "tokenizer.json")):
+        raise MissingFileError(f"{path} holds no tokenizer (vocab.txt or tokenizer.json): give a BERT directory")
     tokenizer = AutoTokenizer.from_pretrained(str(path), truncation_side="right")
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     return tokenizer

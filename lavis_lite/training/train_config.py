@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lavis_lite.config import at_least
+from lavis_lite.errors import CommandParser
 from lavis_lite.precision import resolve_autocast
 
 
@@ -55,7 +56,7 @@ class TrainConfig:
 def training_parser(prog: str, description: str, default_config: str, example: str, overrides: str) -> argparse.ArgumentParser:
     """The command line both training programs share: a recipe, `--resume` / `--overwrite`, `key=value`s
     (in any order: parse with `parse_intermixed_args`)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config",
         default=default_config,

@@ -35,7 +35,7 @@ from lavis_lite.checkpoint import (
 )
 from lavis_lite.config import ConfigError
 from lavis_lite.distributed import gather_objects
-from lavis_lite.io import atomic_write_text, remove_staging
+from lavis_lite.io import atomic_write_text, check_writable, remove_dir, remove_staging
 from lavis_lite.precision import resolve_autocast
 from lavis_lite.training.plots import plot_loss_curve
 from lavis_lite.training.train_config import OptimConfig, TrainConfig
@@ -195,6 +195,7 @@ def check_run_dir(cfg: TrainConfig, resume: bool, overwrite: bool) -> list[Path]
     there: ConfigError for `resume` without a checkpoint, or for an earlier run's checkpoints without
     `resume` or `overwrite`. Programs call it before their slow set-up; `train` calls it again."""
     run_dir = Path(cfg.output_dir)
+    check_writable(run_dir, "train.output_dir", directory=True)
     earlier = checkpoints(run_dir)
     if resume and not earlier:
         raise ConfigError(f"--resume: {run_dir} holds no complete checkpoint to resume from: drop --resume to start the run")
@@ -357,7 +358,7 @@ class _Run:
             )
             self.written.append(saved)
             for old in self.written[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old)
+                remove_dir(old)
             self.written = self.written[-self.cfg.keep_checkpoints :]
             if (self.run_dir / "metrics.jsonl").is_file():
                 plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
