@@ -21,6 +21,8 @@ _PUBLIC = {
     "build_attention_mask": ".models.masks",
     "create_model": ".models.factory",
     "create_tokenizer": ".models.factory",
+    "from_pretrained": ".interop.hf_pretrained",
+    "save_pretrained": ".interop.hf_pretrained",
     "load_model_and_preprocess": ".inference.features",
     "load_model_config": ".config",
     "load_stage1_checkpoint": ".models.factory",

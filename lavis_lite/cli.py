@@ -6,6 +6,7 @@
     lavis-lite index --config retrieval/demo
     lavis-lite search --index runs/retrieval-demo/index "a red circle"
     lavis-lite evaluate --checkpoint runs/stage1-demo --shards data/synthetic/val
+    lavis-lite convert --from lavis --to hf --model blip2-lavis-vitg blip2_pretrained.pth blip2-hf
 
 Each subcommand has `--help`; `python -m stage1.train` and the like run the same programs from a checkout.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "index": ("retrieval.build", "embed a corpus and build a FAISS index"),
     "search": ("retrieval.search", "search an index by text or image, optionally with ITM re-ranking"),
     "evaluate": ("retrieval.evaluate", "held-out retrieval recall of a stage-1 model"),
+    "convert": ("interop.convert", "convert weights between ours, LAVIS's .pth files and Hugging Face directories"),
 }
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lavis_lite.errors import UserError
@@ -74,6 +75,7 @@ class ModelConfig:
     # and ITM negatives are still drawn from the whole global batch. 1.0 is BLIP-2; lower it where compute is
     # scarce (ITM's joint pass over 3B pairs costs ~3x the ITC passes).
     itm_itg_batch_fraction: float = 1.0
+    ln_vision_eps: float = 1e-5  # LAVIS's (beside the ViT's 1e-6); transformers uses the ViT's layer_norm_eps
     # Pairs whose cleaned captions are equal (the data's `sample_id`) are ITC positives of each other and never
     # ITM negatives. LAVIS's BLIP-2 pre-training counts only a pair itself (False): on web data, boilerplate
     # captions would make unrelated images positives.
@@ -82,6 +84,9 @@ class ModelConfig:
     # False: LAVIS's concat_all_gather, no gradient through the gathered features (the local ones included),
     # so each ITC direction trains only its own side.
     itc_gather_with_grad: bool = True
+    # A LAVIS stage-1 checkpoint (`blip2_pretrained.pth`) loaded over the built model: Q-Former, queries,
+    # ln_vision, ITC/ITM/ITG heads and temperature (and the ViT where the file holds it); None: none.
+    lavis_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -94,6 +99,9 @@ class LanguageModelConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     attn_impl: str = "auto"  # transformers' attn_implementation (eager, sdpa, ...); auto: its default on CUDA, eager on CPU
     cache_dir: Optional[str] = None  # where a GGUF is dequantised once (stage2.train: <output_dir>/llm)
+    # The token a training caption ends with and generation stops at, as text; None: the tokenizer's EOS.
+    # BLIP-2 OPT trains on `caption + "\n"` and stops at "\n" (HF's BLIP-2 OPT: eos_token_id 50118).
+    stop_text: Optional[str] = None
 
 
 @dataclass
@@ -105,6 +113,10 @@ class Stage2ModelConfig:
     llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     # Trained stage-1 weights (a run directory or checkpoint) for ln_vision, queries and Q-Former; None: none.
     stage1_checkpoint: Optional[str] = None
+    # A LAVIS stage-2 checkpoint (`blip2_pretrained_opt2.7b.pth`, `blip2_pretrained_flant5xl.pth`) loaded over
+    # the built model: ln_vision, queries, the Q-Former's query side and opt_proj / t5_proj; None: none.
+    lavis_checkpoint: Optional[str] = None
+    ln_vision_eps: float = 1e-5  # LAVIS's (beside the ViT's 1e-6); transformers uses the ViT's layer_norm_eps
     prompt: str = ""  # prepended to every training caption and used by default in generation (BLIP-2 OPT: "a photo of")
     max_text_len: int = 32  # LLM tokens of prompt + caption
 
@@ -148,7 +160,11 @@ def _parse_override(item: str, valid: dict[str, Any]) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form key=value (e.g. qformer.num_layers=6)")
     key, text = item.split("=", 1)
-    value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+    try:
+        value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+    except yaml.YAMLError as err:  # e.g. `llm.stop_text=:`
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({problem}): quote it, e.g. {key}='{text}'") from None
     if isinstance(value, bool) and _is_text(valid.get(key)):
         value = text
     return key, value

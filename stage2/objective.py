@@ -32,10 +32,10 @@ def caption_text(model: Blip2Stage2, seed: int) -> Callable[[list[str]], dict]:
 
     def text(captions: list[str]) -> dict:
         if not model.is_encoder_decoder:
-            return lm_inputs(model.tokenizer, False, [prompt] * len(captions), captions, max_len)
+            return lm_inputs(model.tokenizer, False, [prompt] * len(captions), captions, max_len, model.stop_token_id)
         rng = random.Random(zlib.crc32("\n".join(captions).encode()) + seed)
         sources, targets = zip(*(split_prefix(c, rng) for c in captions))
         sources = [f"{prompt} {s}".strip() for s in sources]
-        return lm_inputs(model.tokenizer, True, sources, list(targets), max_len)
+        return lm_inputs(model.tokenizer, True, sources, list(targets), max_len, model.stop_token_id)
 
     return text

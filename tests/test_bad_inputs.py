@@ -2,7 +2,6 @@
 
 Each case runs the program's `main` in this process, before any slow work; the table grows with the programs."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +207,12 @@ CASES = [
     (evaluate, ["--checkpoint", "{missing}", "--corpus", "{syntax}", "--out", "{run}/m.json"], "corpus not found or not understood"),
     (evaluate, ["--checkpoint", "{missing}", "--corpus", "{pairs}", "--out", "{run}/m.json"], "checkpoint {missing} does not exist"),
     (cli, ["bogus"], "unknown command 'bogus'"),
+    (stage2, ["--config", TINY2, "model.llm.stop_text=:"], "the value is not valid YAML"),
+    (cli, ["convert", "--from", "lavis", "--to", "hf", "{image}", "{run}"], "--from lavis needs --model"),
+    (cli, ["convert", "--from", "hf", "--to", "hf", "{run}", "{run}"], "nothing to convert"),
+    (cli, ["convert", "--from", "hf", "--to", "ours", "{empty}", "{run}"], "{empty}/config.json not found"),
+    (cli, ["convert", "--from", "ours", "--to", "lavis", "{missing}", "{run}.pth"], "no checkpoint at {missing}"),
+    (cli, ["convert", "--from", "bogus", "--to", "ours", "{missing}", "{run}"], "argument --from: invalid choice"),
 ]
 
 

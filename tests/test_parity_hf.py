@@ -74,3 +74,28 @@ def test_hf_weights_load_into_ours(images):
         logits = ours.itm_logits(ours.encode_image(images), ids, mask)
         hf_logits = hf(pixel_values=images, input_ids=ids, attention_mask=mask, use_image_text_matching_head=True).logits_per_image
     torch.testing.assert_close(logits, hf_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, lengths", [
+    (["vision.layer_norm_eps=1e-6", "ln_vision_eps=1e-6", "qformer.layer_norm_eps=1e-6"], LENGTHS),  # LAVIS's ViT eps
+    (["qformer.cross_attention_freq=1"], LENGTHS),
+    (["qformer.cross_attention_freq=3"], LENGTHS),
+    (["qformer.num_query_tokens=7"], LENGTHS),  # an odd number of queries
+    ([], [1, 1, 1, 1, 1]),  # one-token texts
+], ids=["eps-1e-6", "cross-every-layer", "cross-every-3rd", "7-queries", "one-token"])
+def test_scores_match_hf_beyond_the_default_config(images, overrides, lengths):
+    ours = tiny_model(*overrides).eval()
+    redraw_(ours)
+    hf = Blip2ForImageTextRetrieval(hf_retrieval_config(tiny_config(*overrides))).eval()
+    hf.load_state_dict(to_hf_retrieval(ours.state_dict()), strict=False)
+    ids, mask = text_batch(len(lengths), 7, 100, lengths)
+    with torch.no_grad():
+        _, image_feats, _ = ours.image_features(ours.encode_image(images))
+        _, text_feats = ours.text_features(ids, mask)
+        sim = ours.itc_similarity(image_feats, text_feats)
+        hf_sim = torch.stack([hf(pixel_values=img[None].expand(len(ids), -1, -1, -1), input_ids=ids, attention_mask=mask).logits_per_image[0] for img in images])
+        itm = ours.itm_logits(ours.encode_image(images), ids[:4], mask[:4])
+        hf_itm = hf(pixel_values=images, input_ids=ids[:4], attention_mask=mask[:4], use_image_text_matching_head=True).logits_per_image
+    assert sim.std() > 1e-3 and itm.std() > 1e-3
+    torch.testing.assert_close(sim, hf_sim, atol=1e-5, rtol=0)
+    torch.testing.assert_close(itm, hf_itm, atol=1e-5, rtol=0)

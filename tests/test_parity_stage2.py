@@ -155,3 +155,23 @@ def test_hf_weights_load_into_ours(images, llm_dirs, kind):
         out = ours(**batch, images=images)
     torch.testing.assert_close(out.logits, hf_logits, atol=1e-4, rtol=0)
     torch.testing.assert_close(out.loss, hf_loss, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_with_repetition_penalty_matches_hf(images, llm_dirs, kind):
+    """Beam search with a repetition penalty. HF's decoder-only generate penalises the prompt's tokens too (they
+    are in its input_ids); ours generates from input embeddings and penalises only what it generated, as LAVIS
+    does: the two agree on empty prompts, which is what is compared for the decoder-only LLM."""
+    ours, hf = build_pair(llm_dirs[kind])
+    tokenizer = ours.tokenizer
+    prompts = PROMPTS if ours.is_encoder_decoder else [""] * len(PROMPTS)
+    ids, mask = padded_prompt_ids(tokenizer, ours.is_encoder_decoder, prompts, ours.cfg.max_text_len)
+    hf_ids, hf_mask = hf_layout(ids, mask, ours.cfg.qformer.num_query_tokens, left=not ours.is_encoder_decoder)
+    settings = dict(num_beams=3, max_new_tokens=8, min_new_tokens=1, repetition_penalty=1.5)
+    captions = ours.generate(images, prompt=prompts, **settings)
+    out = hf.generate(pixel_values=images, input_ids=hf_ids, attention_mask=hf_mask, do_sample=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    if not ours.is_encoder_decoder:
+        out = out[:, hf_ids.shape[1]:]
+    expected = [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    assert all(expected) and captions == expected, (captions, expected)

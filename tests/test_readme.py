@@ -26,6 +26,7 @@ RUN_BY = {
     "index": "test_retrieval_cli.test_build_writes_manifest_and_items",
     "search": "test_retrieval_cli.test_text_search_finds_what_brute_force_finds",
     "evaluate": "test_retrieval_cli.test_evaluate_writes_recall_json",
+    "convert": "test_convert_cli.test_hf_to_lavis_to_ours_to_hf_is_the_identity",
 }
 RECIPES = {"train-stage1": load_stage1_config, "train-stage2": load_stage2_config, "index": load_build_config}
 # What `make` lines may run (`make test` is this suite; `make demo` and `make ablation` are the long jobs).
@@ -60,7 +61,7 @@ def test_every_shell_line_is_a_known_kind():
 def test_lavis_lite_line_parses_and_names_its_test(line):
     command, *argv = shlex.split(line)[1:]
     assert command in COMMANDS, f"{line}: no subcommand {command}"
-    module = importlib.import_module(COMMANDS[command][0])
+    module = importlib.import_module(f"lavis_lite.{COMMANDS[command][0]}")
     args = module.build_parser().parse_args(argv)
     if command in RECIPES:  # the recipe resolves and every override names a real key
         RECIPES[command](args.config, args.overrides)

@@ -220,18 +220,36 @@ class Blip2FeatureExtractor(nn.Module):
 
 
 def load_model_and_preprocess(
-    name_or_checkpoint: str | Path,
+    name: str | Path,
+    model_type: Optional[str] = None,
+    is_eval: bool = True,
     device: str | torch.device = "cpu",
     dtype: Optional[torch.dtype] = None,
     overrides: Sequence[str] = (),
+    weights_dir: Optional[str | Path] = None,
 ) -> tuple[Blip2FeatureExtractor, dict[str, Callable[[Image.Image], Tensor]], dict[str, Callable[[str], str]]]:
     """A feature extractor and its image and text processors (`{"eval": ...}`), LAVIS style.
 
-    `name_or_checkpoint`: a stage-1 run or checkpoint directory (trained weights), or a model config name
-    under configs/model/ or YAML path (untrained). `dtype` (default: `auto`, see `lavis_lite.precision`) is what the vision encoder and Q-Former compute in; `overrides` apply to the
-    model config (attention defaults to SDPA). The model is built in fp32, identified by `checkpoint_id`
-    (independent of dtype and device), then cast once.
+    `name`: a stage-1 run or checkpoint directory (trained weights), a model config name under configs/model/
+    or YAML path (untrained), or one of LAVIS's model names with its `model_type` (`blip2_feature_extractor`
+    / `pretrain`, `blip2_image_text_matching`, `blip2_opt` / `pretrain_opt2.7b`, `blip2_t5`, ...: see
+    `lavis_lite.interop.lavis_api`; LAVIS's weight files are read from `weights_dir`). `dtype` (default:
+    `auto`, see `lavis_lite.precision`) is what the vision encoder and Q-Former compute in; `overrides` apply
+    to the model config (attention defaults to SDPA). The model is built in fp32, identified by
+    `checkpoint_id` (independent of dtype and device), then cast once. Models are returned in eval mode
+    (`is_eval` is accepted for LAVIS's signature).
     """
+    from lavis_lite.interop import lavis_api
+
+    if lavis_api.is_lavis_name(str(name)):
+        return lavis_api.load(str(name), model_type, device, weights_dir, overrides)
+    if str(name).endswith((".pth", ".pt", ".bin", ".safetensors")):
+        raise UserError(
+            f"{name} is a weights file: give a run directory, a model config name with its weights "
+            f"(overrides=['lavis_checkpoint={name}'] for LAVIS's .pth), or LAVIS's name and model_type "
+            "(e.g. name='blip2_feature_extractor', model_type='pretrain')"
+        )
+    name_or_checkpoint = name
     device = torch.device(device)
     dtype = resolve_dtype("auto", device) if dtype is None else dtype
     # No backward pass here: SDPA, unlike for training on CPU, is the faster attention (unless overridden).

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lavis_lite.checkpoint import CONFIG, load_trainable_state_dict, load_weights, resolve_checkpoint
 from lavis_lite.config import ConfigError, ModelConfig, Stage2ModelConfig, load_model_config, merge_config, named_config, to_dict
+from lavis_lite.interop.convert_lavis import load_lavis_weights
 from lavis_lite.models.llm import load_language_model
 from lavis_lite.models.qformer import load_bert_weights
 from lavis_lite.models.stage1_model import Blip2Stage1
@@ -52,9 +53,12 @@ def create_model(
 
 
 def _with_bert_weights(model: Blip2Stage1) -> Blip2Stage1:
-    """The Q-Former initialised from `qformer.bert` where it is set (BLIP-2 starts from BERT-base)."""
+    """The Q-Former initialised from `qformer.bert` where it is set (BLIP-2 starts from BERT-base), then LAVIS's
+    weights from `lavis_checkpoint` where that is set."""
     if model.cfg.qformer.bert:
         load_bert_weights(model.qformer, model.cfg.qformer.bert)
+    if model.cfg.lavis_checkpoint:
+        load_lavis_weights(model, model.cfg.lavis_checkpoint, stage=1)
     return model
 
 
@@ -77,7 +81,7 @@ def load_stage1_checkpoint(
     # The trained weights replace the BERT initialisation: of `qformer.bert` only its tokenizer is needed.
     qformer = model_config.get("qformer") or {}
     tokenizer_dir = qformer.get("tokenizer") or qformer.get("bert")
-    weights_only = ["qformer.bert=null", *([f"qformer.tokenizer={tokenizer_dir}"] if tokenizer_dir else [])]
+    weights_only = ["qformer.bert=null", "lavis_checkpoint=null", *([f"qformer.tokenizer={tokenizer_dir}"] if tokenizer_dir else [])]
     model, tokenizer = create_model(merge_config(ModelConfig, [model_config], [*weights_only, *overrides]))
     load_trainable_state_dict(model, load_weights(path), str(path))
     return model.to(device).eval(), tokenizer
@@ -98,6 +102,8 @@ def create_stage2_model(
         load_stage1_weights(stage2, cfg.stage1_checkpoint)
     elif cfg.qformer.bert:
         load_bert_weights(stage2.qformer, cfg.qformer.bert)
+    if cfg.lavis_checkpoint:
+        load_lavis_weights(stage2, cfg.lavis_checkpoint, stage=2)
     return stage2.to(device).eval()
 
 
@@ -139,7 +145,7 @@ def load_stage2_checkpoint(
             "(the train.output_dir of lavis-lite train-stage2) or one of its checkpoints/step-N directories"
         )
     # The trained weights replace the stage-1 or BERT initialisation, which need not exist any more.
-    cfg = merge_config(Stage2ModelConfig, [run_config["model"]], ["stage1_checkpoint=null", "qformer.bert=null", *overrides])
+    cfg = merge_config(Stage2ModelConfig, [run_config["model"]], ["stage1_checkpoint=null", "qformer.bert=null", "lavis_checkpoint=null", *overrides])
     model = create_stage2_model(cfg, device=device)
     load_trainable_state_dict(model, load_weights(path), str(path))
     return model

@@ -147,16 +147,28 @@ def _prompt_and_target(tokenizer: PreTrainedTokenizerBase, prompt: str, target: 
     return prompt_ids, _ids(tokenizer, [f" {target}"])[0]
 
 
+def stop_token_id(tokenizer: PreTrainedTokenizerBase, stop_text: Optional[str]) -> int:
+    """The id of the one token `stop_text` is (ConfigError otherwise); the tokenizer's EOS for None."""
+    if stop_text is None:
+        return tokenizer.eos_token_id
+    ids = tokenizer(stop_text, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise ConfigError(f"llm.stop_text={stop_text!r} is {len(ids)} tokens for this tokenizer: give text that is one token")
+    return ids[0]
+
+
 def causal_lm_inputs(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str], max_len: int
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], targets: list[str], max_len: int, stop_id: Optional[int] = None
 ) -> dict[str, Tensor]:
-    """Decoder-only training text: `[BOS] prompt target [EOS]`, right-padded; labels only on `target [EOS]`."""
+    """Decoder-only training text: `[BOS] prompt target [STOP]`, right-padded; labels only on `target [STOP]`
+    (`stop_id`: default the tokenizer's EOS)."""
+    stop = tokenizer.eos_token_id if stop_id is None else stop_id
     specials = leading_special_ids(tokenizer)
     rows, labels = [], []
     for prompt, target in zip(prompts, targets, strict=True):
         prompt_ids, target_ids = _prompt_and_target(tokenizer, prompt, target)
         head = specials + prompt_ids
-        full = (head + target_ids + [tokenizer.eos_token_id])[:max_len]
+        full = (head + target_ids + [stop])[:max_len]
         rows.append(full)
         labels.append([IGNORE] * len(head) + full[len(head) :])
     return {
@@ -167,13 +179,13 @@ def causal_lm_inputs(
 
 
 def seq2seq_lm_inputs(
-    tokenizer: PreTrainedTokenizerBase, sources: list[str], targets: list[str], max_len: int
+    tokenizer: PreTrainedTokenizerBase, sources: list[str], targets: list[str], max_len: int, stop_id: Optional[int] = None
 ) -> dict[str, Tensor]:
     """Encoder-decoder training text: the encoder reads `source [EOS]` after the queries, the decoder
-    predicts `target [EOS]`."""
+    predicts `target [STOP]` (`stop_id`: default the tokenizer's EOS)."""
     eos = [tokenizer.eos_token_id]
     sources_ids = [(ids + eos)[-max_len:] for ids in _ids(tokenizer, sources)]
-    target_ids = [(ids + eos)[:max_len] for ids in _ids(tokenizer, targets)]
+    target_ids = [(ids + [eos[0] if stop_id is None else stop_id])[:max_len] for ids in _ids(tokenizer, targets)]
     return {
         "input_ids": _pad(sources_ids, tokenizer.pad_token_id),
         "attention_mask": _pad([[1] * len(r) for r in sources_ids], 0),
@@ -195,10 +207,11 @@ def lm_inputs(
     prompts: list[str],
     targets: list[str],
     max_len: int,
+    stop_id: Optional[int] = None,
 ) -> dict[str, Tensor]:
     """Training text for either LLM family (see `causal_lm_inputs`, `seq2seq_lm_inputs`)."""
     build = seq2seq_lm_inputs if is_encoder_decoder else causal_lm_inputs
-    return build(tokenizer, prompts, targets, max_len)
+    return build(tokenizer, prompts, targets, max_len, stop_id)
 
 
 def padded_prompt_ids(

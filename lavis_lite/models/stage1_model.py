@@ -44,7 +44,7 @@ class Blip2Stage1(nn.Module):
         self.pad_token_id = pad_token_id
         self.vision = build_vision_encoder(cfg.vision)
         width = self.vision.width
-        self.ln_vision = nn.LayerNorm(width)
+        self.ln_vision = nn.LayerNorm(width, eps=cfg.ln_vision_eps)
         self.qformer = QFormer(cfg.qformer, encoder_width=width)
         hidden = cfg.qformer.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, hidden) * 0.02)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lavis_lite.config import Stage2ModelConfig
-from lavis_lite.models.llm import padded_prompt_ids
+from lavis_lite.models.llm import padded_prompt_ids, stop_token_id
 from lavis_lite.models.losses import lm_loss
 from lavis_lite.models.qformer import QFormer
 from lavis_lite.models.vision import build_vision_encoder
@@ -37,13 +37,14 @@ class Blip2Stage2(nn.Module):
         self.cfg = cfg
         self.vision = build_vision_encoder(cfg.vision)
         width = self.vision.width
-        self.ln_vision = nn.LayerNorm(width)
+        self.ln_vision = nn.LayerNorm(width, eps=cfg.ln_vision_eps)
         self.qformer = QFormer(cfg.qformer, encoder_width=width, with_text=False)
         hidden = cfg.qformer.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, hidden) * 0.02)
         self.language_projection = nn.Linear(hidden, llm.get_input_embeddings().embedding_dim)
         self.llm = llm
         self.tokenizer = tokenizer
+        self.stop_token_id = stop_token_id(tokenizer, cfg.llm.stop_text)  # captions end with it; generation stops there
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -157,7 +158,7 @@ class Blip2Stage2(nn.Module):
             length_penalty=length_penalty,
             num_return_sequences=num_captions,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_id=self.stop_token_id,
             **sampling,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

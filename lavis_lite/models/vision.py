@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import inspect
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +174,7 @@ class ViTEncoder(FrozenVisionEncoder):
     def __init__(self, cfg: VisionConfig) -> None:
         trunk = EvaViT(cfg)
         if cfg.checkpoint:
-            _load_checkpoint_strict(trunk, cfg.checkpoint)
+            _load_checkpoint_strict(trunk, cfg.checkpoint, cfg.depth)
         super().__init__(trunk, cfg.width, CLIP_MEAN, CLIP_STD, cfg.precision)
         self.patch_size = cfg.patch_size
 
@@ -264,9 +264,15 @@ class TimmEncoder(FrozenVisionEncoder):
         return self(torch.zeros(1, 3, image_size, image_size, device=param.device)).shape[1]
 
 
-def _load_checkpoint_strict(model: nn.Module, path: str | Path) -> None:
-    """Load a local weights file into `model`, raising a ConfigError naming the path and any bad keys."""
+def _load_checkpoint_strict(model: nn.Module, path: str | Path, eva_depth: Optional[int] = None) -> None:
+    """Load a local weights file into `model`, raising a ConfigError naming the path and any bad keys. With
+    `eva_depth` (kind "vit") a LAVIS EVA ViT file (`eva_vit_g.pth`) is converted first, its first blocks kept."""
     state = read_state_dict(path, "vision.checkpoint")
+    if eva_depth is not None and "patch_embed.proj.weight" in state:
+        from lavis_lite.interop.convert_lavis import from_lavis_eva
+
+        prefix = "vision.trunk."
+        state = {k[len(prefix) :]: v for k, v in from_lavis_eva(state, eva_depth, str(path)).items() if k.startswith(prefix)}
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
