@@ -13,15 +13,16 @@ ARGS   ?=
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY) -m,$(VENV)/bin/accelerate launch --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no --multi_gpu -m)
 RUN_ENV := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test demo demo-assets stage1 stage2 index search ablation
+.PHONY: install test demo demo-assets stage1 stage2 index search serve ablation
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt requirements-assets.txt
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt requirements-assets.txt requirements-test.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(CONSTRAINTS) -e ".[dev]"
 	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-test.txt
 	$(PY) tools/guard_torchvision_ops.py
 	touch $@
 
@@ -62,6 +63,11 @@ $(DEMO_INDEX)/manifest.json: runs/stage1-demo/checkpoints/latest configs/retriev
 search: $(DEMO_INDEX)/manifest.json
 	$(RUN_ENV) $(CLI) search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) "$(Q)"
 
+# The retrieval service on the demo index (clip-retrieval's API, a search page at /); PORT=1234 by default.
+PORT ?= 1234
+serve: $(DEMO_INDEX)/manifest.json
+	$(RUN_ENV) $(CLI) serve --index demo=$(DEMO_INDEX) --port $(PORT)
+
 # The embedded default end to end, afresh (an earlier demo's runs are replaced): stage 1 (held-out retrieval),
 # stage 2 (held-out captions), then the retrieval
 # index of the held-out images and a few text searches (the hits also in runs/retrieval-demo/search.html).
@@ -71,6 +77,8 @@ demo: demo-assets
 	$(RUN_ENV) $(CLI) index --config configs/retrieval/demo.yaml resume=false
 	$(RUN_ENV) $(CLI) search --index $(DEMO_INDEX) --html $(DEMO_SEARCH) \
 		"a red circle" "a large blue square on the left" "a small yellow star above a large green triangle"
+	@echo "serve it: make serve, then open http://127.0.0.1:$(PORT)/ or"
+	@echo "  curl -s 127.0.0.1:$(PORT)/knn-service -d '{\"text\": \"a red circle\", \"indice_name\": \"demo\", \"num_images\": 3}'"
 
 # BLIP-2's bootstrapping ablation on the embedded default (benchmarks/bootstrap_ablation.py): stage 2 from the
 # stage-1 demo, from no stage 1 (MiniLM or random Q-Former), each with a small sweep of the Q-Former side's

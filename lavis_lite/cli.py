@@ -24,6 +24,8 @@ COMMANDS = {
     "index": ("retrieval.build", "embed a corpus and build a FAISS index"),
     "search": ("retrieval.search", "search an index by text or image, optionally with ITM re-ranking"),
     "evaluate": ("retrieval.evaluate", "held-out retrieval recall of a stage-1 model"),
+    "embed": ("retrieval.embed", "embed a corpus into files (clip-retrieval's layout), partition by partition"),
+    "serve": ("retrieval.serve", "serve indexes over HTTP: clip-retrieval's API, ITM re-ranking, a search page"),
     "convert": ("interop.convert", "convert weights between ours, LAVIS's .pth files and Hugging Face directories"),
 }
 

@@ -37,6 +37,7 @@ from lavis_lite.precision import resolve_device, resolve_dtype
 
 from .config import TARGETS, BuildConfig, load_build_config
 from .corpus import CORPUS_KINDS, Corpus, CorpusEntry, ImageProcessor, batched
+from .embed import partition_chunks, read_partitions
 from .index import INDEX_OPTIONS, INDEX_TYPES, IndexWriter
 
 DEFAULT_CONFIG = "retrieval/demo"
@@ -45,7 +46,9 @@ log = logging.getLogger("lavis_lite.retrieval")
 
 def check_config(cfg: BuildConfig) -> None:
     """ConfigError naming the first missing or invalid setting."""
-    for key, value in (("checkpoint", cfg.checkpoint), ("corpus.path", cfg.corpus.path), ("output_dir", cfg.output_dir)):
+    needed = (("output_dir", cfg.output_dir),) if cfg.embeddings else (
+        ("checkpoint", cfg.checkpoint), ("corpus.path", cfg.corpus.path), ("output_dir", cfg.output_dir))
+    for key, value in needed:
         if not value:
             raise ConfigError(f"{key} is not set: give it in the YAML or as {key}=...")
     if cfg.target not in TARGETS:
@@ -103,9 +106,31 @@ def embed_texts(
     return (np.concatenate(vectors) if vectors else np.zeros((0, model.embed_dim), np.float32)), items
 
 
+def run_from_embeddings(cfg: BuildConfig) -> Path:
+    """The index of `lavis-lite embed`'s files in `cfg.embeddings` (every partition), one chunk per partition."""
+    records = read_partitions(cfg.embeddings)
+    about = records[0]
+    manifest = {key: about[key] for key in ("checkpoint_id", "source", "embed_dim", "num_queries", "image_size", "corpus")}
+    text = cfg.target == "text"
+    writer = IndexWriter(
+        cfg.output_dir, dim=about["embed_dim"], vectors_per_item=1 if text else about["num_queries"],
+        index_type=cfg.index_type, manifest={**manifest, "target": cfg.target}, resume=cfg.resume,
+        index_options=dict(cfg.index_options),
+    )
+    done = writer.completed_chunks()
+    for chunk_id, (vectors, items) in enumerate(partition_chunks(cfg.embeddings, cfg.target)):
+        if chunk_id not in done:
+            writer.write_chunk(chunk_id, vectors, items)
+    log.info("embeddings %s: %d partitions", cfg.embeddings, len(records))
+    return writer.finalize()
+
+
 def run(cfg: BuildConfig) -> Path:
-    """Embed the corpus and write (or finish) the index in `cfg.output_dir`; returns the index directory."""
+    """Embed the corpus (or read `cfg.embeddings`) and write (or finish) the index in `cfg.output_dir`; returns
+    the index directory."""
     check_config(cfg)
+    if cfg.embeddings:
+        return run_from_embeddings(cfg)
     device = resolve_device(cfg.device)
     text = cfg.target == "text"
     corpus = Corpus(

@@ -37,9 +37,34 @@ class BuildConfig:
     precision: str = "auto"  # what the encoder and Q-Former compute in: auto | fp32 | bf16 | fp16 (lavis_lite.precision)
     index_type: str = "auto"  # see retrieval.index.INDEX_TYPES
     index_options: dict[str, Any] = field(default_factory=dict)  # passed to the index (e.g. nlist, M)
+    # A folder written by `lavis-lite embed` (all its partitions): the index is built from those embeddings
+    # instead of embedding `corpus` with `checkpoint` (both then unused).
+    embeddings: str = ""
+
+
+@dataclass
+class EmbedConfig:
+    """`lavis-lite embed`: a corpus to embeddings in clip-retrieval's layout, one partition per process."""
+
+    checkpoint: str = ""  # stage-1 run or checkpoint directory
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    output_dir: str = ""  # img_emb/, img_emb_queries/, text_emb/, metadata/, partitions/
+    # This process's share: partition i of n (contiguous runs of the corpus's entries, in corpus order).
+    # num_partitions=0: from the launcher (RANK / WORLD_SIZE, as accelerate launch and torchrun set them), else 1.
+    partition: int = 0
+    num_partitions: int = 0
+    batch_size: int = 64
+    num_workers: int = 4
+    device: str = "auto"
+    precision: str = "auto"
 
 
 TARGETS = ("image", "text")
+
+
+def load_embed_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> EmbedConfig:
+    """An EmbedConfig from an optional YAML and `key=value` overrides; unknown keys raise."""
+    return merge_config(EmbedConfig, [recipe_path(path)] if path else [], overrides)
 
 
 def load_build_config(path: Optional[str | Path], overrides: Sequence[str] = ()) -> BuildConfig:

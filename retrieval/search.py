@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -168,6 +169,68 @@ def ranked(index: RetrievalIndex, hits: list[Hit], itm: Optional[list[float]], t
     return [{"rank": rank, **row} for rank, row in enumerate(rows[:top_k], start=1)]
 
 
+def text_hits(
+    index: RetrievalIndex,
+    model: Blip2FeatureExtractor,
+    processor: ImageProcessor,
+    texts: list[str],
+    top_k: int,
+    rerank: int = 0,
+    nprobe: Optional[int] = None,
+    ef_search: Optional[int] = None,
+    vectors: Optional[np.ndarray] = None,
+) -> list[list[dict[str, Any]]]:
+    """Text -> image: each (cleaned) text's top images, the first `rerank` re-scored by ITM (`ranked`).
+    `vectors`: the texts' ITC features when they are already computed (a server batches them)."""
+    vectors = model.text_vectors(texts).cpu().numpy() if vectors is None else vectors
+    found = index.search(vectors, max(top_k, rerank), nprobe=nprobe, ef_search=ef_search)
+    return [rank_text_hits(index, model, processor, text, hits, top_k, rerank) for text, hits in zip(texts, found)]
+
+
+def rank_text_hits(
+    index: RetrievalIndex, model: Blip2FeatureExtractor, processor: ImageProcessor, text: str, hits: list[Hit], top_k: int, rerank: int
+) -> list[dict[str, Any]]:
+    """One text query's ITC hits as `ranked` rows, the first `rerank` re-scored by ITM against their images."""
+    itm = None
+    if rerank:
+        roots = corpus_roots(index.manifest["corpus"])
+        candidates = index.items([h.item_id for h in hits[:rerank]])
+        itm = []
+        for batch in batched(candidates, ITM_BATCH):
+            pixels = torch.stack([processor(open_item_image(item["locator"], roots)) for item in batch])
+            itm += model.itm_scores(images=pixels, texts=[text] * len(batch)).tolist()
+    return ranked(index, hits, itm, top_k)
+
+
+def image_hits(
+    index: RetrievalIndex,
+    model: Blip2FeatureExtractor,
+    embeds: torch.Tensor,
+    top_k: int,
+    rerank: int = 0,
+    nprobe: Optional[int] = None,
+    ef_search: Optional[int] = None,
+    vectors: Optional[np.ndarray] = None,
+) -> list[list[dict[str, Any]]]:
+    """Image -> text: each image's (`encode_images` output) top captions, the first `rerank` re-scored by ITM."""
+    vectors = model.image_vectors(image_embeds=embeds).cpu().numpy() if vectors is None else vectors
+    found = index.search(vectors, max(top_k, rerank), nprobe=nprobe, ef_search=ef_search)
+    return [rank_image_hits(index, model, embed, hits, top_k, rerank) for embed, hits in zip(embeds, found)]
+
+
+def rank_image_hits(
+    index: RetrievalIndex, model: Blip2FeatureExtractor, embed: torch.Tensor, hits: list[Hit], top_k: int, rerank: int
+) -> list[dict[str, Any]]:
+    """One image query's ITC hits (captions) as `ranked` rows, the first `rerank` re-scored by ITM."""
+    itm = None
+    if rerank:
+        captions = [item["caption"] for item in index.items([h.item_id for h in hits[:rerank]])]
+        itm = []
+        for batch in batched(captions, ITM_BATCH):
+            itm += model.itm_scores(image_embeds=embed[None], texts=batch).tolist()
+    return ranked(index, hits, itm, top_k)
+
+
 def search_texts(
     args: argparse.Namespace,
     index: RetrievalIndex,
@@ -180,20 +243,8 @@ def search_texts(
     empty = [q for q, t in zip(args.queries, texts) if not t]
     if empty:
         raise UserError(f"empty query: {empty[0]!r} has no words left after cleaning; give at least one word")
-    vectors = model.text_vectors(texts).cpu().numpy()
-    found = index.search(vectors, max(args.top_k, args.rerank), nprobe=args.nprobe, ef_search=args.ef_search)
-    results = []
-    roots = corpus_roots(index.manifest["corpus"])
-    for query, text, hits in zip(args.queries, texts, found):
-        itm = None
-        if args.rerank:
-            candidates = index.items([h.item_id for h in hits[: args.rerank]])
-            itm = []
-            for batch in batched(candidates, ITM_BATCH):
-                pixels = torch.stack([processor(open_item_image(item["locator"], roots)) for item in batch])
-                itm += model.itm_scores(images=pixels, texts=[text] * len(batch)).tolist()
-        results.append(QueryResult(query, ranked(index, hits, itm, args.top_k)))
-    return results
+    found = text_hits(index, model, processor, texts, args.top_k, args.rerank, args.nprobe, args.ef_search)
+    return [QueryResult(query, hits) for query, hits in zip(args.queries, found)]
 
 
 def search_images(
@@ -204,20 +255,9 @@ def search_images(
     images: list[Image.Image],
 ) -> list[QueryResult]:
     """Image -> text: each query image's top captions."""
-    pixels = torch.stack([processor(image) for image in images])
-    embeds = model.encode_images(pixels)
-    vectors = model.image_vectors(image_embeds=embeds).cpu().numpy()
-    found = index.search(vectors, max(args.top_k, args.rerank), nprobe=args.nprobe, ef_search=args.ef_search)
-    results = []
-    for path, image, embed, hits in zip(args.image, images, embeds, found):
-        itm = None
-        if args.rerank:
-            captions = [item["caption"] for item in index.items([h.item_id for h in hits[: args.rerank]])]
-            itm = []
-            for batch in batched(captions, ITM_BATCH):
-                itm += model.itm_scores(image_embeds=embed[None], texts=batch).tolist()
-        results.append(QueryResult(path, ranked(index, hits, itm, args.top_k), image))
-    return results
+    embeds = model.encode_images(torch.stack([processor(image) for image in images]))
+    found = image_hits(index, model, embeds, args.top_k, args.rerank, args.nprobe, args.ef_search)
+    return [QueryResult(path, hits, image) for path, image, hits in zip(args.image, images, found)]
 
 
 def hit_label(hit: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@ parses with its program's real parser and recipe (keys and all), and names the t
 to end; each `make` line is a target that `make -n` accepts with those variables."""
 
 import importlib
+import json
 import re
 import shlex
 import subprocess
@@ -27,10 +28,12 @@ RUN_BY = {
     "search": "test_retrieval_cli.test_text_search_finds_what_brute_force_finds",
     "evaluate": "test_retrieval_cli.test_evaluate_writes_recall_json",
     "convert": "test_convert_cli.test_hf_to_lavis_to_ours_to_hf_is_the_identity",
+    "serve": "test_serve.test_clip_client_gets_what_search_gives",
+    "embed": "test_embed.test_two_processes_embed_what_one_does_and_the_index_answers_as_the_corpus_one",
 }
 RECIPES = {"train-stage1": load_stage1_config, "train-stage2": load_stage2_config, "index": load_build_config}
 # What `make` lines may run (`make test` is this suite; `make demo` and `make ablation` are the long jobs).
-MAKE_TARGETS = {"install", "test", "demo", "stage1", "stage2", "index", "search", "ablation"}
+MAKE_TARGETS = {"install", "test", "demo", "stage1", "stage2", "index", "search", "serve", "ablation"}
 
 
 def shell_lines() -> list[str]:
@@ -53,7 +56,7 @@ def test_readme_python_example_runs():
 def test_every_shell_line_is_a_known_kind():
     lines = shell_lines()
     assert len(lines) >= 15
-    unknown = [l for l in lines if not l.startswith(("lavis-lite ", "make ", "source .venv/bin/activate"))]
+    unknown = [l for l in lines if not l.startswith(("lavis-lite ", "make ", "curl ", "source .venv/bin/activate"))]
     assert not unknown, f"README shell lines this test does not exercise: {unknown}"
 
 
@@ -80,3 +83,16 @@ def test_make_line_is_a_target_make_accepts(line):
     assert done.returncode == 0, done.stderr
     if "NPROC=16" in words:
         assert "accelerate launch --num_processes 16" in done.stdout
+
+
+@pytest.mark.parametrize("line", [l for l in shell_lines() if l.startswith("curl ")])
+def test_curl_line_is_a_request_the_service_accepts(line):
+    """Each curl line posts to one of the service's routes a body its request model accepts (test_serve sends such
+    requests to a running service)."""
+    from retrieval.service import KnnRequest, MetadataRequest
+
+    words = shlex.split(line)
+    url, body = next(w for w in words[1:] if not w.startswith("-") and "/" in w), words[words.index("-d") + 1]
+    route = "/" + url.split("/", 1)[1]
+    schema = {"/knn-service": KnnRequest, "/metadata": MetadataRequest}[route]
+    schema.model_validate(json.loads(body))
