@@ -50,8 +50,8 @@ def captions(count: int) -> list[str]:
     return out
 
 
-def hf_models(extractor: Blip2FeatureExtractor) -> tuple[Blip2VisionModelWithProjection, Blip2TextModelWithProjection]:
-    """transformers' image and text feature models with our weights (in our dtype and on our device)."""
+def hf_models(extractor: Blip2FeatureExtractor, dtype: torch.dtype) -> tuple[Blip2VisionModelWithProjection, Blip2TextModelWithProjection]:
+    """transformers' image and text feature models with our weights, in `dtype` on our device."""
     config = hf_retrieval_config(extractor.model.cfg)
     state = to_hf_retrieval(extractor.model.state_dict())
     models = []
@@ -62,7 +62,7 @@ def hf_models(extractor: Blip2FeatureExtractor) -> tuple[Blip2VisionModelWithPro
         if missing:
             raise KeyError(f"{cls.__name__} lacks {missing[:5]}")
         model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-        models.append(model.to(device=extractor.device, dtype=extractor.dtype))
+        models.append(model.to(device=extractor.device, dtype=dtype))
     return models[0], models[1]
 
 
@@ -98,18 +98,22 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="auto: fp32 on CPU, bf16 on CUDA where supported")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
+    parser.add_argument("--hf-dtype", choices=["same", *DTYPES], default="same",
+                        help="transformers' dtype: same as ours (default), or e.g. fp32 (its default on CPU)")
+    parser.add_argument("--compile", action="store_true", help="our image path through torch.compile (compile time reported apart)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model.yaml"
         config.write_text(yaml.safe_dump(MODEL))
-        extractor, _, _ = load_model_and_preprocess(config, device, DTYPES.get(args.dtype))
-    hf_vision, hf_text = hf_models(extractor)
+        extractor, _, _ = load_model_and_preprocess(config, device=device, dtype=DTYPES.get(args.dtype), compile=args.compile)
+    hf_dtype = extractor.dtype if args.hf_dtype == "same" else DTYPES[args.hf_dtype]
+    hf_vision, hf_text = hf_models(extractor, hf_dtype)
     tokenizer = extractor.tokenizer
     pixels = torch.randn(args.batch_size, 3, extractor.image_size, extractor.image_size, device=device)
     texts = captions(args.batch_size)
-    exact = extractor.dtype == torch.float32
+    exact = extractor.dtype == hf_dtype == torch.float32
     tolerance = 1e-5 if exact else 5e-2
 
     def ours_image() -> torch.Tensor:
@@ -117,7 +121,7 @@ def main() -> None:
 
     @torch.inference_mode()
     def hf_image() -> torch.Tensor:
-        return hf_vision(pixel_values=pixels.to(extractor.dtype)).image_embeds.float()
+        return hf_vision(pixel_values=pixels.to(hf_dtype)).image_embeds.float()
 
     def ours_text() -> torch.Tensor:
         return extractor.extract_features({"text_input": texts}, mode="text").text_embeds_proj
@@ -128,6 +132,9 @@ def main() -> None:
                            return_tensors="pt").to(device)
         return hf_text(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).text_embeds.float()
 
+    start = time.perf_counter()
+    ours_image()  # with --compile: the compilation (inductor's cache makes a second process skip most of it)
+    first_call = time.perf_counter() - start
     real = extractor.tokenize(texts).attention_mask.bool()
     torch.testing.assert_close(ours_image(), hf_image(), atol=tolerance, rtol=0)
     torch.testing.assert_close(ours_text()[real], hf_text_features()[real], atol=tolerance, rtol=0)
@@ -135,15 +142,17 @@ def main() -> None:
     rows = [compare("image", ours_image, hf_image, args.batch_size, args.repeats, device),
             compare("text", ours_text, hf_text_features, args.batch_size, args.repeats, device)]
     dtype_name = next(k for k, v in DTYPES.items() if v == extractor.dtype)
-    print(f"device {device}, {dtype_name}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+    hf_name = next(k for k, v in DTYPES.items() if v == hf_dtype)
+    print(f"device {device}, ours {dtype_name}, transformers {hf_name}, batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"ViT {MODEL['vision']['width']}x{MODEL['vision']['depth']} at {extractor.image_size} px, "
           f"Q-Former {MODEL['qformer']['hidden_size']}x{MODEL['qformer']['num_layers']}, "
-          f"{extractor.num_queries} queries; features equal within {tolerance:g}")
+          f"{extractor.num_queries} queries; features equal within {tolerance:g}"
+          + (f"; compiled image path, first batch {first_call:.1f} s" if args.compile else ""))
     print(f"{'mode':<8}{'ours /s':>12}{'HF /s':>12}{'ours / HF':>12}")
     for row in rows:
         print(f"{row['mode']:<8}{row['ours_per_s']:>12.1f}{row['hf_per_s']:>12.1f}{row['speedup']:>11.2f}x")
     if args.json:
-        print(json.dumps({"device": str(device), "dtype": dtype_name, "batch_size": args.batch_size,
+        print(json.dumps({"device": str(device), "dtype": dtype_name, "hf_dtype": hf_name, "batch_size": args.batch_size,
                           "threads": torch.get_num_threads(), "results": rows}))
 
 

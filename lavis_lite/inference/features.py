@@ -85,6 +85,7 @@ class Blip2FeatureExtractor(nn.Module):
         tokenizer: Optional[PreTrainedTokenizerBase],
         source: str,
         checkpoint_id: Optional[str] = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -92,6 +93,9 @@ class Blip2FeatureExtractor(nn.Module):
         self.source = str(source)
         self.checkpoint_id = checkpoint_id or weights_id(model.state_dict())
         self._traced_vision: dict[torch.dtype, torch.jit.ScriptModule] = {}  # a dict: not a submodule
+        # `compile`: the pixels -> ITC feature path through torch.compile (inductor), once per batch shape;
+        # inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) makes later processes skip most of that cost.
+        self._compiled_image = torch.compile(self._image_path, dynamic=False) if compile else None
         self.train(False)
 
     def train(self, mode: bool = True) -> Blip2FeatureExtractor:
@@ -144,7 +148,13 @@ class Blip2FeatureExtractor(nn.Module):
     @torch.inference_mode()
     def image_vectors(self, images: Optional[Tensor] = None, image_embeds: Optional[Tensor] = None) -> Tensor:
         """The ITC image feature [B,Q,E], float32, normalised, from pixels or from `encode_images`' output."""
+        if self._compiled_image is not None and images is not None and image_embeds is None:
+            return self._compiled_image(images.to(self.device))[1].float()
         return self.model.image_features(self._image_embeds(images, image_embeds))[1].float()
+
+    def _image_path(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Pixels -> (query outputs, their normalised ITC projections), the path `compile` compiles."""
+        return self.model.image_features(self.model.ln_vision(self.model.vision(images).to(self.dtype)))[:2]
 
     @torch.inference_mode()
     def text_vectors(self, texts: str | Sequence[str]) -> Tensor:
@@ -180,7 +190,10 @@ class Blip2FeatureExtractor(nn.Module):
             if samples.get(key) is None:
                 raise ValueError(f"mode '{mode}' needs samples['{key}'] (inputs given: {sorted(samples)})")
         if mode == "image":
-            query_out, query_proj, _ = self.model.image_features(self.encode_images(samples["image"]))
+            if self._compiled_image is not None:
+                query_out, query_proj = self._compiled_image(samples["image"].to(self.device))
+            else:
+                query_out, query_proj, _ = self.model.image_features(self.encode_images(samples["image"]))
             return BlipOutputFeatures(image_embeds=query_out.float(), image_embeds_proj=query_proj.float())
         tokens = self.tokenize(samples["text_input"])
         if mode == "text":
@@ -227,6 +240,7 @@ def load_model_and_preprocess(
     dtype: Optional[torch.dtype] = None,
     overrides: Sequence[str] = (),
     weights_dir: Optional[str | Path] = None,
+    compile: bool = False,
 ) -> tuple[Blip2FeatureExtractor, dict[str, Callable[[Image.Image], Tensor]], dict[str, Callable[[str], str]]]:
     """A feature extractor and its image and text processors (`{"eval": ...}`), LAVIS style.
 
@@ -237,7 +251,8 @@ def load_model_and_preprocess(
     `auto`, see `lavis_lite.precision`) is what the vision encoder and Q-Former compute in; `overrides` apply
     to the model config (attention defaults to SDPA). The model is built in fp32, identified by
     `checkpoint_id` (independent of dtype and device), then cast once. Models are returned in eval mode
-    (`is_eval` is accepted for LAVIS's signature).
+    (`is_eval` is accepted for LAVIS's signature). `compile=True` runs the image path through torch.compile
+    (faster once compiled; the first batch of each shape pays the compilation).
     """
     from lavis_lite.interop import lavis_api
 
@@ -265,5 +280,5 @@ def load_model_and_preprocess(
         model, tokenizer = create_model(name_or_checkpoint, overrides)
     checkpoint_id = weights_id(model.state_dict())
     model.to(device=device, dtype=dtype)
-    extractor = Blip2FeatureExtractor(model, tokenizer, str(name_or_checkpoint), checkpoint_id)
+    extractor = Blip2FeatureExtractor(model, tokenizer, str(name_or_checkpoint), checkpoint_id, compile=compile)
     return extractor, {"eval": image_processor(model)}, {"eval": caption_processor()}
