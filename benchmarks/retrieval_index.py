@@ -26,9 +26,17 @@ queries; queries/s is one batched call over ``--queries``; ms/query is the mean 
 each, the process's CPU time per query (all threads): on a shared machine it varies less than wall time.
 Every index is built through ``retrieval.index.build_index`` from the regenerated chunks (the path
 ``IndexWriter.finalize`` takes) in ``--work`` and deleted after its rows unless ``--keep``.
-Type specs: ``flat``, ``ivf``, ``ivfpq``, ``hnsw``, ``mean-<type>`` (first_stage=mean) and options as
-``spec:key=value,...`` (index_options keys). Each ``--nprobe`` / ``--ef-search`` / ``--rescore`` value
-(where it applies) gives a row.
+Type specs: ``flat``, ``ivf``, ``ivfpq``, ``pqfs``, ``hnsw``, ``mean-<type>`` (first_stage=mean) and
+options as ``spec:key=value,...`` (index_options keys), e.g. ``mean-pqfs:rescore_codes=sq6,exact_rescore=32``.
+Each ``--nprobe`` / ``--ef-search`` / ``--rescore`` / ``--exact-rescore`` value (where it applies) gives a row.
+
+RSS MB is the index's resident memory: a fresh process's growth from before ``RetrievalIndex.load`` to after
+the single-query calls. ``vectors.f16.npy`` stays on disk (read with ``pread``, so its pages are the page
+cache's, not the process's): "cold ms/q" times the same single queries with that file evicted from the page
+cache before each one, so every read it makes comes from the disk.
+For ``flat`` rows the machine's bounds, measured in the same run, come with them: the batched call's
+GFLOP/s against a float32 matmul of the same shape class (``--peak`` GFLOP/s, numpy/BLAS), and the single
+query's time against the time to read the index's vectors once at the measured memory bandwidth.
 Not a test.
 """
 
@@ -38,12 +46,16 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from retrieval.index import RetrievalIndex, build_index
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retrieval.index import RetrievalIndex, build_index  # noqa: E402
 
 DIM, VECTORS = 256, 32
 DEFAULT_TYPES = ["flat", "ivf", "ivfpq", "ivfpq:rescore=64", "hnsw:hnsw_m=16,ef_construction=40", "mean-flat", "mean-hnsw"]
@@ -139,7 +151,8 @@ def search_settings(index_type: str, options: dict, args: argparse.Namespace) ->
     """One dict of search() keyword arguments per row: the product of the sweeps that apply."""
     rescores = [r for r in args.rescore if r > 0 or options["first_stage"] != "mean"]  # mean needs rescoring
     sweeps = [("nprobe", args.nprobe, index_type in ("ivf", "ivfpq")), ("ef_search", args.ef_search, index_type == "hnsw"),
-              ("rescore", rescores, options["rescore"] > 0)]  # fmt: skip
+              ("rescore", rescores, options["rescore"] > 0),
+              ("exact_rescore", args.exact_rescore, options.get("rescore_codes", "f16") != "f16")]  # fmt: skip
     settings: list[dict] = [{}]
     for key, values, applies in sweeps:
         if applies and values:
@@ -154,8 +167,61 @@ def timed(search, *arguments) -> tuple[float, float, list]:
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
+def evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (the next read comes from the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def directory_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.iterdir() if f.name in ("index.faiss", "vectors.f16.npy")) / 2**20
+
+
+RESIDENT_PROBE = """
+import sys, numpy as np
+from retrieval.index import RetrievalIndex
+def rss():
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]) / 1024
+before = rss()
+index = RetrievalIndex.load(sys.argv[1], use_gpu=False)
+for query in np.load(sys.argv[2]):
+    index.search(query[None], 10)
+print(rss() - before)
+"""
+
+
+def resident_mb(path: Path, queries: np.ndarray, work: Path) -> float:
+    """Resident memory (MB) of the index at ``path`` in a fresh process, after loading it and answering
+    ``queries`` one by one with its default search settings."""
+    queries_file = work / "resident-queries.npy"
+    np.save(queries_file, queries)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", RESIDENT_PROBE, str(path), str(queries_file)], env=env,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return float(out.stdout.split()[-1])
+
+
+def machine_bounds(seconds: float = 2.0) -> tuple[float, float]:
+    """(float32 matmul GFLOP/s, memory read GB/s) of this machine with the threads numpy/BLAS uses: a
+    [1024 x 256] x [256 x 65536] product (the batched flat search's shape class) and a matrix-vector product
+    over a 1 GiB matrix (the single query's access pattern), best of repeated calls."""
+    rng = np.random.default_rng(0)
+    queries, vectors = rng.standard_normal((1024, 256), dtype=np.float32), rng.standard_normal((65536, 256), dtype=np.float32)
+    matrix, vector = rng.standard_normal((2**20, 256), dtype=np.float32), rng.standard_normal(256, dtype=np.float32)
+    best_mm = best_mv = float("inf")
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        queries @ vectors.T
+        best_mm = min(best_mm, time.perf_counter() - start)
+        start = time.perf_counter()
+        matrix @ vector
+        best_mv = min(best_mv, time.perf_counter() - start)
+    return 2 * queries.size * len(vectors) / best_mm / 1e9, matrix.nbytes / best_mv / 1e9
 
 
 def main() -> None:
@@ -171,51 +237,77 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, nargs="*", default=[], help="IVF nprobe values (default: the index's)")
     parser.add_argument("--ef-search", type=int, nargs="*", default=[], help="HNSW efSearch values")
     parser.add_argument("--rescore", type=int, nargs="*", default=[], help="re-scored candidates (rescoring indexes; 0 = none)")
+    parser.add_argument("--exact-rescore", type=int, nargs="*", default=[], help="items re-ranked exactly after sq codes")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="runs/bench-retrieval-index", help="where indexes are built")
     parser.add_argument("--keep", action="store_true", help="keep the built indexes")
     parser.add_argument("--cache", help="keep generated chunks here as float16 (16 GB per 1M images): each later "
-                        "pass reads them instead of regenerating (2.5 s of CPU per 10k images)")  # fmt: skip
+                        "pass reads them instead of regenerating (2.5 s of CPU per 10k images); the exact top-k too")  # fmt: skip
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
 
     cache = Path(args.cache) if args.cache else None
     corpus = SyntheticImages(args.images, args.chunk, args.clusters or max(10, args.images // 100), args.seed, cache)
     queries = make_queries(corpus, max(args.queries, args.recall_queries), args.query_vectors, args.seed + 1)
     start = time.perf_counter()
-    exact = exact_top_k(corpus, queries[: args.recall_queries], args.k)
+    exact_file = cache / f"exact-{args.seed}-{args.images}-{len(corpus.centres)}-{args.query_vectors}-{args.recall_queries}-{args.k}.npy" if cache else None
+    if exact_file and exact_file.exists():
+        exact = np.load(exact_file)
+    else:
+        exact = exact_top_k(corpus, queries[: args.recall_queries], args.k)
+        if exact_file:
+            np.save(exact_file, exact)
     print(f"{args.images} images x {VECTORS} x {DIM}; exact scan of {args.recall_queries} queries: {time.perf_counter() - start:.1f} s", flush=True)
 
+    peak_gflops, bandwidth_gbs = machine_bounds()
+    print(f"machine: float32 matmul {peak_gflops:.0f} GFLOP/s, memory read {bandwidth_gbs:.1f} GB/s ({os.cpu_count()} CPUs)", flush=True)
     rows = []
-    header = (f"{'index':<36} {'build s':>8} {'MB':>7} {'search':>22} {'ms/query':>9} {'cpu ms/q':>9} "
+    header = (f"{'index':<36} {'build s':>8} {'MB':>7} {'RSS MB':>7} {'search':>26} {'ms/query':>9} {'cold ms/q':>9} {'cpu ms/q':>9} "
               f"{'queries/s':>10} {'cpu ms/q':>9} {'recall@10':>9}")  # fmt: skip
     print(header, flush=True)
     for spec in args.types:
         index_type, options = parse_spec(spec)
         out = Path(args.work) / spec.replace(":", "_").replace(",", "_").replace("=", "")
         build_s, _, _ = timed(lambda: build_index(out, corpus, dim=DIM, vectors_per_item=VECTORS, index_type=index_type, index_options=options))
+        rss_mb = resident_mb(out, queries[: args.latency_queries], Path(args.work))
         index = RetrievalIndex.load(out, use_gpu=False)
         for setting in search_settings(index_type, index.options, args):
             index.search(queries[:1], args.k, **setting)  # warm-up
             single = [timed(lambda q=query: index.search(q[None], args.k, **setting)) for query in queries[: args.latency_queries]]
             latency_ms, latency_cpu_ms = (1000 * np.mean([t[i] for t in single]) for i in (0, 1))
+            cold_ms = float("nan")
+            if (out / "vectors.f16.npy").exists() and setting.get("rescore", index.options["rescore"]) and \
+                    (index.rescore_codes == "f16" or setting.get("exact_rescore", index.options.get("exact_rescore"))):  # fmt: skip
+                cold = []
+                for query in queries[: args.latency_queries]:
+                    evict(out / "vectors.f16.npy")
+                    cold.append(timed(lambda q=query: index.search(q[None], args.k, **setting))[0])
+                cold_ms = 1000 * float(np.mean(cold))
             batch_s, batch_cpu_s, hits = timed(lambda: index.search(queries[: args.queries], args.k, **setting))
             recall = np.mean([len({h.item_id for h in row} & set(ids)) / args.k for row, ids in zip(hits, exact)])
             label = ",".join(f"{key}={value}" for key, value in setting.items()) or "default"
-            row = {"index": spec, "build_s": build_s, "mb": directory_mb(out), "search": label,
-                   "ms_per_query": latency_ms, "cpu_ms_per_query": latency_cpu_ms,
+            row = {"index": spec, "build_s": build_s, "mb": directory_mb(out), "rss_mb": rss_mb, "search": label,
+                   "ms_per_query": latency_ms, "cold_ms_per_query": cold_ms, "cpu_ms_per_query": latency_cpu_ms,
                    "queries_per_s": args.queries / batch_s, "batched_cpu_ms_per_query": 1000 * batch_cpu_s / args.queries,
                    "recall_at_10": float(recall), "options": index.options}  # fmt: skip
             rows.append(row)
-            print(f"{spec:<36} {build_s:8.1f} {row['mb']:7.0f} {label:>22} {latency_ms:9.2f} {latency_cpu_ms:9.2f} "
+            print(f"{spec:<36} {build_s:8.1f} {row['mb']:7.0f} {rss_mb:7.0f} {label:>26} {latency_ms:9.2f} {cold_ms:9.2f} {latency_cpu_ms:9.2f} "
                   f"{row['queries_per_s']:10.1f} {row['batched_cpu_ms_per_query']:9.2f} {recall:9.3f}", flush=True)  # fmt: skip
+            if index_type == "flat" and index.options["first_stage"] == "all":
+                gflops = row["queries_per_s"] * args.images * VECTORS * DIM * 2 / 1e9
+                bound_ms = 1000 * args.images * VECTORS * DIM * 4 / (bandwidth_gbs * 1e9)
+                row.update(gflops=gflops, peak_gflops=peak_gflops, bandwidth_bound_ms=bound_ms)
+                print(f"    exact: batched {gflops:.0f} GFLOP/s = peak / {peak_gflops / gflops:.2f}; "
+                      f"single query {latency_ms:.1f} ms = bandwidth bound ({bound_ms:.1f} ms) x {latency_ms / bound_ms:.2f}", flush=True)
         del index
         if not args.keep:
             shutil.rmtree(out)
     if args.json:
         os.makedirs(Path(args.json).parent, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        machine = {"cpus": os.cpu_count(), "matmul_gflops": peak_gflops, "bandwidth_gbs": bandwidth_gbs}
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

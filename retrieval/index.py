@@ -5,12 +5,14 @@ gives an image Q=32 query vectors of 256 and a text 1. The ITC score of a query 
 max over the item's vectors (and, for a multi-vector image query, over the query's vectors) of the dot
 product; search returns the top-k *items* by that score.
 
-Index types (``INDEX_TYPES``; ``"auto"`` picks one with :func:`choose_index_type`):
+Index types (``INDEX_TYPES``; ``"auto"`` picks one and its options with :func:`choose_index`):
 
 - ``flat``: every vector in an ``IndexFlatIP``; exact (ranks as brute force does).
 - ``ivf``: ``IndexIVFFlat`` over every vector, ``nlist`` ~ 4 sqrt(vectors) lists, ``nprobe`` searched.
 - ``ivfpq``: IVF with product-quantised vectors (``pq_bytes`` per vector, 32 by default): 32x less RAM
   than float32 at 256-d, approximate scores.
+- ``pqfs``: 4-bit fast-scan PQ (``pq_bytes`` per vector, dim / 4 by default), scanned in full with SIMD
+  look-up tables: an approximate exhaustive scan, 16x less RAM than float32.
 - ``hnsw``: ``IndexHNSWFlat`` graph (``hnsw_m`` links, ``ef_search`` beam).
 
 Approximate search of multi-vector items over-fetches ``k * vectors_per_item`` vectors (at most
@@ -20,12 +22,22 @@ best vector it found, or not at all.
 With ``index_options={"first_stage": "mean", "rescore": R}`` faiss holds one vector per item instead (the
 mean of its vectors, renormalised); search takes its ``R`` best candidate items and re-scores them exactly
 from the items' full vectors, stored as float16 in ``vectors.f16.npy`` (memory-mapped). ``rescore``
-alone re-scores an all-vectors index's candidates the same way (useful after PQ's lossy scores). Every
-option and its default: ``INDEX_OPTIONS``.
+alone re-scores an all-vectors index's candidates the same way (useful after PQ's lossy scores).
+
+Large collections of multi-vector items (``auto`` beyond ``IVF_MAX_VECTORS`` vectors) keep the
+re-scoring vectors in RAM instead: with ``rescore_codes`` ``sq8`` / ``sq6`` / ``sq4`` each item's vectors
+are scalar-quantised (8, 6 or 4 bits per dimension) into an inverted list of their own, and the first-stage
+index over the item means is that ``IndexIVFScalarQuantizer``'s coarse quantizer: one faiss call takes the
+``rescore`` best items by mean (the lists to probe) and scans their vectors' codes in C++, in parallel over
+the lists. This is multi-vector late interaction as ColBERTv2 / PLAID serve it (centroid-based candidate
+generation, then re-scoring from compressed vectors), with one centroid per item. ``exact_rescore`` N then
+re-ranks the best N items exactly from ``vectors.f16.npy`` (on disk, a few pages per query). Every option and
+its default: ``INDEX_OPTIONS``.
 
 Layout of an index directory: ``manifest.json`` (written last), ``index.faiss`` (CPU format),
 ``items.jsonl`` + ``items.offsets.npy`` (see :mod:`retrieval.metadata`) and, with rescoring,
-``vectors.f16.npy``. Building happens in ``<out_dir>.partial/``: chunk files first (each written to a
+``vectors.f16.npy``; with ``rescore_codes`` ``sq*``, ``index.faiss`` is the per-item IVF-SQ (its quantizer the
+first stage). Building happens in ``<out_dir>.partial/``: chunk files first (each written to a
 temporary name and renamed, so a killed build keeps only whole chunks), then ``build/``, which is swapped
 with ``out_dir`` in one ``renameat2(RENAME_EXCHANGE)`` where Linux offers it (otherwise two renames, so
 ``out_dir`` is briefly absent, never half written).
@@ -37,6 +49,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import uuid
@@ -56,21 +69,27 @@ from .metadata import ITEMS_FILE, OFFSETS_FILE, IndexLoadError, MetadataStore, M
 
 logger = logging.getLogger("lavis_lite.retrieval")
 
-INDEX_TYPES = ("flat", "ivf", "ivfpq", "hnsw")
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "pqfs", "hnsw")
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.f16.npy"
 SETTINGS_FILE = "settings.json"
 
-# choose_index_type thresholds, in vectors (items x vectors_per_item), sized for 256-d float32 vectors.
+# choose_index thresholds, in vectors (items x vectors_per_item), sized for 256-d float32 vectors.
 # Up to 1M vectors (~31k images of 32 vectors, 1 GB) a flat scan is exact and fast enough; up to 8M
-# (250k images, 8 GB) IVF-Flat keeps exact vectors in RAM; beyond, IVF-PQ stores 32 bytes per vector.
+# (250k images, 8 GB) IVF-Flat keeps exact vectors in RAM. Beyond, multi-vector items get a fast-scan mean
+# first stage over per-item 6-bit lists (AUTO_ITEM_LISTS: at 1M images recall@10 0.98 at 15 ms, 6.4 GB,
+# docs/benchmarks.md) and single vectors IVF-PQ at 32 bytes per vector.
 FLAT_MAX_VECTORS = 1_000_000
 IVF_MAX_VECTORS = 8_000_000
+AUTO_ITEM_LISTS = {"first_stage": "mean", "rescore_codes": "sq6", "rescore": 8192, "exact_rescore": 32}
+SQ_CODES = {"sq8": "QT_8bit", "sq6": "QT_6bit", "sq4": "QT_4bit"}
+SQ_TRAIN_SIZE = 262_144  # vectors sampled to fit the scalar quantizer's per-dimension ranges
 
 DEFAULT_MAX_FETCH = 4096  # vectors fetched per query vector by approximate search before grouping by item
 DEFAULT_MEAN_RESCORE = 256  # candidate items re-scored exactly after a "mean" first stage
+FLAT_BLOCK_SCORES = 1 << 24  # scores per product in the exact CPU scan: its scratch memory (64 MB)
 GPU_MAX_K = 2048  # faiss GPU k-selection limit; larger fetches run on the CPU copy of the index
 # float16 -> float32 by table look-up: 2x faster than numpy's astype, which re-scoring spends its time in
 FLOAT16_TO_32 = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -91,17 +110,40 @@ MANIFEST_FIELDS = {
 INDEX_OPTIONS = {  # index_options keys; resolve_index_options fills in the defaults (stored in the manifest)
     "first_stage": "'all' (index every vector) or 'mean' (one renormalised mean per item; needs rescore)",
     "rescore": f"candidate items re-scored exactly from float16 vectors (0 = off; {DEFAULT_MEAN_RESCORE} for 'mean')",
+    "rescore_codes": "what re-scoring reads: 'f16' (vectors.f16.npy, exact) or 'sq8' / 'sq6' / 'sq4' (per-item "
+    "lists of scalar-quantised vectors in RAM; first_stage 'mean' only)",
+    "exact_rescore": "with sq rescore_codes: the best items re-ranked exactly from vectors.f16.npy (0 = off, "
+    "no float16 copy written); ignored otherwise",
     "max_fetch": f"approximate search: vectors fetched per query vector before grouping ({DEFAULT_MAX_FETCH})",
     "seed": "training-sample seed (0)",
     "train_size": "IVF/PQ training sample (40 x nlist, at least 10k (IVF) / 65,536 (PQ), at most 1M)",
     "nlist": "IVF lists (4 sqrt(vectors), <= vectors / 39, <= 65,536)",
     "nprobe": "IVF lists searched, a search default (max(8, nlist / 32))",
-    "pq_bytes": "PQ sub-quantizers, bytes per vector at 8 bits; must divide dim (32)",
+    "pq_bytes": "PQ bytes per vector: ivfpq sub-quantizers at 8 bits, must divide dim (32); pqfs 2 4-bit "
+    "codes each, 2 x pq_bytes must divide dim (dim / 4)",
     "pq_bits": "bits per PQ sub-quantizer code (8)",
     "hnsw_m": "HNSW links per node (32)",
     "ef_construction": "HNSW build beam (80)",
     "ef_search": "HNSW search beam, a search default (128; at least the vectors fetched)",
 }
+
+
+class ItemVectors:
+    """``vectors.f16.npy`` read item by item with ``pread``: a query's candidates cost one disk read each
+    when the file is not in the page cache (a memory map faults page by page with read-ahead, about 30x
+    slower cold), and the process's resident memory does not grow with the pages read."""
+
+    def __init__(self, path: Path):
+        mapped = np.load(path, mmap_mode="r")
+        self.shape, self.offset = mapped.shape, mapped.offset
+        self.item_bytes = int(np.prod(self.shape[1:])) * 2
+        self._file = open(path, "rb")  # noqa: SIM115 (held for the index's lifetime)
+
+    def __getitem__(self, ids: np.ndarray) -> np.ndarray:
+        """Items ``ids`` as float32 [len(ids), vectors_per_item, dim]."""
+        fd, size, offset = self._file.fileno(), self.item_bytes, self.offset
+        raw = b"".join(os.pread(fd, size, offset + int(i) * size) for i in ids)
+        return np.take(FLOAT16_TO_32, np.frombuffer(raw, np.uint16)).reshape(len(ids), *self.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -110,16 +152,17 @@ class Hit:
     score: float
 
 
-def choose_index_type(num_items: int, vectors_per_item: int) -> str:
-    """``flat`` up to ``FLAT_MAX_VECTORS`` vectors, ``ivf`` up to ``IVF_MAX_VECTORS``, ``ivfpq`` beyond.
-
-    For multi-vector items (images) an approximate index is usually better built with
-    ``index_options={"first_stage": "mean"}``: 32x fewer faiss vectors, so less RAM and a faster build, at
-    the same recall (``benchmarks/retrieval_index.py``)."""
+def choose_index(num_items: int, vectors_per_item: int) -> tuple[str, dict]:
+    """What ``index_type="auto"`` builds, by corpus size (``benchmarks/retrieval_index.py`` measured the
+    choices): ``flat`` up to ``FLAT_MAX_VECTORS`` vectors, ``ivf`` up to ``IVF_MAX_VECTORS``; beyond, a
+    ``pqfs`` mean first stage over per-item 6-bit lists for multi-vector items, ``ivfpq`` for single vectors.
+    The caller's ``index_options`` override the options returned here."""
     num_vectors = num_items * vectors_per_item
     if num_vectors <= FLAT_MAX_VECTORS:
-        return "flat"
-    return "ivf" if num_vectors <= IVF_MAX_VECTORS else "ivfpq"
+        return "flat", {}
+    if num_vectors <= IVF_MAX_VECTORS:
+        return "ivf", {}
+    return ("pqfs", dict(AUTO_ITEM_LISTS)) if vectors_per_item > 1 else ("ivfpq", {})
 
 
 def resolve_index_options(index_type: str, num_indexed: int, dim: int, options: Optional[dict] = None) -> dict:
@@ -134,6 +177,12 @@ def resolve_index_options(index_type: str, num_indexed: int, dim: int, options: 
     rescore = options.setdefault("rescore", DEFAULT_MEAN_RESCORE if first_stage == "mean" else 0)
     if first_stage == "mean" and rescore <= 0:
         raise UserError("first_stage 'mean' ranks by a proxy score: it needs rescore > 0 candidates")
+    codes = options.setdefault("rescore_codes", "f16")
+    if codes != "f16" and codes not in SQ_CODES:
+        raise UserError(f"index_options rescore_codes must be 'f16' or one of {sorted(SQ_CODES)}, not {codes!r}")
+    if codes != "f16" and first_stage != "mean":
+        raise UserError(f"index_options rescore_codes={codes!r} keeps one list per item: it needs first_stage 'mean'")
+    options.setdefault("exact_rescore", 0)  # like nlist for a flat index, ignored where it does not apply
     options.setdefault("seed", 0)
     options.setdefault("max_fetch", DEFAULT_MAX_FETCH)
     if index_type in ("ivf", "ivfpq"):
@@ -147,6 +196,11 @@ def resolve_index_options(index_type: str, num_indexed: int, dim: int, options: 
         if dim % pq_bytes:
             raise UserError(f"index_options pq_bytes={pq_bytes} must divide dim={dim}")
         options.setdefault("pq_bits", 8)
+    if index_type == "pqfs":
+        pq_bytes = options.setdefault("pq_bytes", max(1, dim // 4))
+        if dim % (2 * pq_bytes):
+            raise UserError(f"index_options pq_bytes={pq_bytes}: pqfs needs 2 x pq_bytes to divide dim={dim}")
+        options.setdefault("train_size", min(num_indexed, 65536))
     if index_type == "hnsw":
         options.setdefault("hnsw_m", 32)
         options.setdefault("ef_construction", 80)
@@ -160,6 +214,7 @@ def _factory_string(index_type: str, options: dict) -> str:
         "ivf": f"IVF{options.get('nlist')},Flat",
         # "np": no polysemous training (a code permutation for Hamming filtering, unused here, and slow)
         "ivfpq": f"IVF{options.get('nlist')},PQ{options.get('pq_bytes')}x{options.get('pq_bits')}np",
+        "pqfs": f"PQ{2 * options.get('pq_bytes', 0)}x4fs",
         "hnsw": f"HNSW{options.get('hnsw_m')},Flat",
     }[index_type]
 
@@ -203,24 +258,40 @@ def _indexed_vectors(vectors: np.ndarray, first_stage: str) -> np.ndarray:
     return np.ascontiguousarray(vectors.reshape(-1, vectors.shape[-1]), dtype=np.float32)
 
 
-def _training_sample(source: ChunkSource, vectors_per_item: int, options: dict) -> np.ndarray:
-    """A uniform random sample of ``train_size`` indexed vectors, gathered chunk by chunk."""
-    per_item = 1 if options["first_stage"] == "mean" else vectors_per_item
-    bounds = np.cumsum([0] + [size * per_item for size in source.sizes])
-    rng = np.random.default_rng(options["seed"])
-    picked = np.sort(rng.choice(int(bounds[-1]), size=min(options["train_size"], int(bounds[-1])), replace=False))
-    parts = []
+def _training_samples(source: ChunkSource, vectors_per_item: int, requests: list[tuple[bool, int]], seed: int) -> list[np.ndarray]:
+    """Uniform random samples gathered in one pass over the chunks, one per ``(means, size)`` request:
+    ``size`` item means (``means``) or ``size`` of the items' vectors."""
+    rng = np.random.default_rng(seed)
+    plans = []
+    for means, size in requests:
+        bounds = np.cumsum([0] + [n * (1 if means else vectors_per_item) for n in source.sizes])
+        plans.append((means, bounds, np.sort(rng.choice(int(bounds[-1]), size=min(size, int(bounds[-1])), replace=False)), []))
     for chunk in range(len(source.sizes)):
-        lo, hi = np.searchsorted(picked, bounds[chunk : chunk + 2])
-        if lo == hi:
-            continue
-        rows = picked[lo:hi] - bounds[chunk]
-        vectors = source.vectors(chunk)
-        if options["first_stage"] == "mean":
-            parts.append(_mean_vectors(vectors[rows]))
-        else:
-            parts.append(np.asarray(vectors.reshape(-1, vectors.shape[-1])[rows], dtype=np.float32))
-    return np.ascontiguousarray(np.concatenate(parts))
+        vectors = None
+        for means, bounds, picked, parts in plans:
+            lo, hi = np.searchsorted(picked, bounds[chunk : chunk + 2])
+            if lo == hi:
+                continue
+            rows = picked[lo:hi] - bounds[chunk]
+            vectors = source.vectors(chunk) if vectors is None else vectors
+            if means:
+                parts.append(_mean_vectors(vectors[rows]))
+            else:
+                parts.append(np.asarray(vectors.reshape(-1, vectors.shape[-1])[rows], dtype=np.float32))
+    return [np.ascontiguousarray(np.concatenate(parts)) for _, _, _, parts in plans]
+
+
+def _item_lists(first_stage: Any, dim: int, count: int, codes: str, sample: np.ndarray) -> Any:
+    """An ``IndexIVFScalarQuantizer`` with one inverted list per item, for its vectors' ``codes``, and
+    ``first_stage`` (the index of item means) as its coarse quantizer; the quantizer fitted on ``sample``."""
+    qtype = getattr(faiss.ScalarQuantizer, SQ_CODES[codes])
+    lists = faiss.IndexIVFScalarQuantizer(first_stage, dim, count, qtype, faiss.METRIC_INNER_PRODUCT, False)
+    if codes != "sq8":  # with 64 or 16 levels, clipping the 0.1% tails beats spanning the extremes
+        lists.sq.rangestat = faiss.ScalarQuantizer.RS_quantiles
+        lists.sq.rangestat_arg = 0.001
+    lists.sq.train(sample)
+    lists.is_trained = True  # the quantizer's means are added chunk by chunk with the items' lists
+    return lists
 
 
 def build_index(
@@ -246,12 +317,14 @@ def build_index(
     count = sum(sizes)
     if count == 0:
         raise UserError(f"no items to index for {out_dir}")
-    first_stage = (index_options or {}).get("first_stage", "all")
-    num_indexed = count if first_stage == "mean" else count * vectors_per_item
+    index_options = dict(index_options or {})
     if index_type == "auto":
-        index_type = choose_index_type(count, vectors_per_item)
+        index_type, chosen = choose_index(count, vectors_per_item)
+        index_options = {**chosen, **index_options}
     if index_type not in INDEX_TYPES:
         raise UserError(f"index_type {index_type!r}: expected 'auto' or one of {INDEX_TYPES}")
+    first_stage = index_options.get("first_stage", "all")
+    num_indexed = count if first_stage == "mean" else count * vectors_per_item
     options = resolve_index_options(index_type, num_indexed, dim, index_options)
     factory = _factory_string(index_type, options)
     logger.info("building %s index (%s) of %d items, %d faiss vectors, in %s", index_type, factory, count, num_indexed, work_dir)
@@ -262,14 +335,19 @@ def build_index(
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if index_type == "hnsw":
         index.hnsw.efConstruction = options["ef_construction"]
+    codes = options["rescore_codes"]
+    requests = ([(first_stage == "mean", options["train_size"])] if not index.is_trained else []) + (
+        [(False, SQ_TRAIN_SIZE)] if codes != "f16" else []
+    )
+    samples = _training_samples(source, vectors_per_item, requests, options["seed"]) if requests else []
     if not index.is_trained:
-        sample = _training_sample(source, vectors_per_item, options)
-        logger.info("training on %d sampled vectors", len(sample))
-        index.train(sample)
-        del sample
+        logger.info("training on %d sampled vectors", len(samples[0]))
+        index.train(samples.pop(0))
+    item_lists = _item_lists(index, dim, count, codes, samples.pop(0)) if codes != "f16" else None
+    del samples
 
     store = None
-    if options["rescore"]:
+    if options["rescore"] and (codes == "f16" or options["exact_rescore"]):
         store = np.lib.format.open_memmap(work_dir / VECTORS_FILE, "w+", np.float16, (count, vectors_per_item, dim))
     metadata = MetadataWriter(work_dir)
     start = 0
@@ -279,6 +357,10 @@ def build_index(
         if len(vectors) != sizes[chunk] or len(items) != sizes[chunk]:
             raise ValueError(f"chunk {chunk}: {len(vectors)} vectors and {len(items)} items, expected {sizes[chunk]}")
         index.add(_indexed_vectors(vectors, first_stage))
+        if item_lists is not None:
+            flat = _indexed_vectors(vectors, "all")
+            ids = np.repeat(np.arange(start, start + len(vectors), dtype=np.int64), vectors_per_item)
+            item_lists.add_core(len(flat), faiss.swig_ptr(flat), faiss.swig_ptr(ids), faiss.swig_ptr(ids))
         if store is not None:
             store[start : start + len(vectors)] = vectors
         metadata.append(items)
@@ -287,7 +369,8 @@ def build_index(
         store.flush()
         del store
     metadata.close()
-    faiss.write_index(index, str(work_dir / INDEX_FILE))
+    saved = index if item_lists is None else item_lists  # the first stage is inside the item lists
+    faiss.write_index(saved, str(work_dir / INDEX_FILE))
     full_manifest = {
         **(manifest or {}),
         "format_version": FORMAT_VERSION,
@@ -298,7 +381,7 @@ def build_index(
         "vectors_per_item": vectors_per_item,
         "count": count,
         "num_vectors": count * vectors_per_item,
-        "indexed_vectors": int(index.ntotal),
+        "indexed_vectors": int(saved.ntotal),
         "faiss_version": faiss.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_id": uuid.uuid4().hex,
@@ -509,13 +592,14 @@ def _top_items(item_ids: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[n
 class RetrievalIndex:
     """A loaded index: ``search`` returns the top-k items per query, ``items`` their metadata."""
 
-    def __init__(self, path: Path, manifest: dict, index: Any, store: MetadataStore, vectors: Optional[np.ndarray], use_gpu: Optional[bool]):
+    def __init__(self, path: Path, manifest: dict, index: Any, store: MetadataStore, vectors: Optional[ItemVectors], use_gpu: Optional[bool]):
         self.path = path
         self.manifest = manifest
         self.index_type: str = manifest["index_type"]
         self.options: dict = manifest["index_options"]
         self.dim: int = manifest["dim"]
         self.vectors_per_item: int = manifest["vectors_per_item"]
+        self.rescore_codes: str = self.options.get("rescore_codes", "f16")
         self._cpu_index = index
         self._index = self._to_gpu(index, use_gpu)
         self._store = store
@@ -555,15 +639,17 @@ class RetrievalIndex:
                 f"{index_path} holds {index.ntotal} vectors of dim {index.d}, {path / MANIFEST_FILE} says "
                 f"{manifest['indexed_vectors']} of dim {manifest['dim']}: rebuild the index"
             )
-        for name in (ITEMS_FILE, OFFSETS_FILE) + ((VECTORS_FILE,) if manifest["index_options"].get("rescore") else ()):
+        options = manifest["index_options"]
+        has_vectors = options.get("rescore") and (options.get("rescore_codes", "f16") == "f16" or options.get("exact_rescore"))
+        for name in (ITEMS_FILE, OFFSETS_FILE) + ((VECTORS_FILE,) if has_vectors else ()):
             if not (path / name).exists():
                 raise IndexLoadError(f"{path / name} is missing: rebuild the index")
         store = MetadataStore(path)
         if len(store) != manifest["count"]:
             raise IndexLoadError(f"{path / OFFSETS_FILE} lists {len(store)} items, the manifest {manifest['count']}: rebuild the index")
         vectors = None
-        if manifest["index_options"].get("rescore"):
-            vectors = np.load(path / VECTORS_FILE, mmap_mode="r")
+        if has_vectors:
+            vectors = ItemVectors(path / VECTORS_FILE)
             if vectors.shape != (manifest["count"], manifest["vectors_per_item"], manifest["dim"]):
                 raise IndexLoadError(f"{path / VECTORS_FILE} has shape {list(vectors.shape)}, not the manifest's: rebuild the index")
         return cls(path, manifest, index, store, vectors, use_gpu)
@@ -575,8 +661,8 @@ class RetrievalIndex:
             raise IndexLoadError(f"use_gpu=True but faiss {faiss.__version__} sees no GPU: install faiss-gpu (pip install -e .[gpu])")
         if use_gpu is False or not gpus:
             return index
-        if self.index_type == "hnsw":
-            logger.info("faiss has no GPU HNSW: searching %s on the CPU", self.path)
+        if self.index_type in ("hnsw", "pqfs") or self.rescore_codes != "f16":
+            logger.info("faiss has no GPU version of %s's index (%s): searching it on the CPU", self.path, self.index_type)
             return index
         options = faiss.GpuMultipleClonerOptions()
         options.useFloat16 = self.index_type == "ivfpq"  # float16 PQ lookup tables; IVF-Flat and Flat stay float32
@@ -597,10 +683,12 @@ class RetrievalIndex:
         nprobe: Optional[int] = None,
         ef_search: Optional[int] = None,
         rescore: Optional[int] = None,
+        exact_rescore: Optional[int] = None,
     ) -> list[list[Hit]]:
         """Top-``k`` items per query, best first. ``queries``: [nq, dim] (text) or [nq, Vq, dim] (image; the
         score is also the max over the query's vectors), L2-normalised. ``nprobe`` (IVF), ``ef_search``
-        (HNSW) and ``rescore`` (candidates re-scored exactly) override the manifest's defaults."""
+        (HNSW), ``rescore`` (candidates re-scored) and ``exact_rescore`` (of those, re-ranked exactly from
+        float16 after sq codes) override the manifest's defaults."""
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim == 2:
             queries = queries[:, None, :]
@@ -609,10 +697,18 @@ class RetrievalIndex:
         if k <= 0:
             raise ValueError(f"k must be positive, not {k}")
         rescore = self.options.get("rescore", 0) if rescore is None else rescore
-        if rescore and self._vectors is None:
+        if rescore and self._vectors is None and self.rescore_codes == "f16":
             raise ValueError(f"{self.path} was built without rescore, so it stores no vectors to re-score with")
         if self.options["first_stage"] == "mean" and not rescore:
             raise ValueError(f"{self.path} has a 'mean' first stage: rescore must be > 0")
+        if self.rescore_codes != "f16":
+            exact = self.options.get("exact_rescore", 0) if exact_rescore is None else exact_rescore
+            if exact and self._vectors is None:
+                raise ValueError(f"{self.path} was built without exact_rescore, so it stores no float16 vectors")
+            with self._lock:
+                ranked = self._scan_item_lists(queries, max(k, exact), rescore, nprobe, ef_search)
+            ranked = self._rescore(queries, ranked, k) if exact else [(ids[:k], scores[:k]) for ids, scores in ranked]
+            return [[Hit(int(i), float(s)) for i, s in zip(ids, scores)] for ids, scores in ranked]
         wanted = max(k, rescore)
         with self._lock:
             ranked = self._first_stage(queries, wanted, nprobe, ef_search)
@@ -629,13 +725,55 @@ class RetrievalIndex:
             fetch = max(wanted, min(fetch, self.options["max_fetch"]))
         fetch = min(fetch, int(self._cpu_index.ntotal))
         index = self._index if fetch <= GPU_MAX_K else self._cpu_index
-        self._set_search_parameters(index, nprobe, ef_search, fetch)
+        if self.index_type == "flat" and index is self._cpu_index:
+            return self._scan_flat(queries, wanted, per_item)
+        self._set_search_parameters(index, nprobe, ef_search, fetch, gpu=index is not self._cpu_index)
         scores, ids = index.search(np.ascontiguousarray(queries.reshape(nq * query_vectors, dim)), fetch)
         item_ids = np.where(ids >= 0, ids // per_item, -1)
         return _top_items(item_ids.reshape(nq, -1), scores.reshape(nq, -1), wanted)
 
-    def _set_search_parameters(self, index: Any, nprobe: Optional[int], ef_search: Optional[int], fetch: int) -> None:
-        space = faiss.GpuParameterSpace() if index is not self._cpu_index else faiss.ParameterSpace()
+    def _scan_flat(self, queries: np.ndarray, wanted: int, per_item: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The exact top ``wanted`` items per query, by BLAS products of the queries with blocks of the flat
+        index's vectors (a matrix-vector product for one query vector) on all threads, each block reduced
+        to its items' maxima at once: faiss keeps a heap per query of every vector fetched, which costs
+        more than the product when ``wanted * per_item`` is large, and scans a single query on one thread."""
+        index = self._cpu_index
+        vectors = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        nq, query_vectors, dim = queries.shape
+        rows = queries.reshape(nq * query_vectors, dim)
+        items = index.ntotal // per_item
+        block = max(1, FLAT_BLOCK_SCORES // (per_item * len(rows)))  # items per product
+        best_ids, best_scores = np.empty((nq, 0), np.int64), np.empty((nq, 0), np.float32)
+        for start in range(0, items, block):
+            stop = min(items, start + block)
+            chunk = vectors[start * per_item : stop * per_item]
+            scores = (chunk @ rows[0])[:, None] if len(rows) == 1 else chunk @ rows.T
+            scores = scores.reshape(stop - start, per_item, nq, query_vectors).max(axis=(1, 3)).T
+            best_ids = np.concatenate([best_ids, np.broadcast_to(np.arange(start, stop), (nq, stop - start))], axis=1)
+            best_scores = np.concatenate([best_scores, scores], axis=1)
+            if best_ids.shape[1] > wanted:
+                keep = np.argpartition(-best_scores, wanted - 1, axis=1)[:, :wanted]
+                best_ids, best_scores = np.take_along_axis(best_ids, keep, 1), np.take_along_axis(best_scores, keep, 1)
+        ranked = []
+        for ids, scores in zip(best_ids, best_scores):
+            order = np.lexsort((ids, -scores))
+            ranked.append((ids[order], scores[order]))
+        return ranked
+
+    def _scan_item_lists(self, queries: np.ndarray, wanted: int, rescore: int, nprobe: Optional[int], ef_search: Optional[int]) -> list:
+        """The top ``wanted`` items by their sq-coded vectors among the ``rescore`` best items by mean, in one
+        faiss call; single queries scan their lists on all threads, batches a query per thread."""
+        nq, query_vectors, dim = queries.shape
+        lists = self._cpu_index
+        lists.nprobe = min(rescore, len(self))
+        lists.parallel_mode = 1 if nq * query_vectors == 1 else 0
+        self._set_search_parameters(faiss.downcast_index(lists.quantizer), nprobe, ef_search, lists.nprobe)
+        fetch = min(wanted * self.vectors_per_item, int(lists.ntotal))  # k*V vectors hold >= k distinct items
+        scores, ids = lists.search(np.ascontiguousarray(queries.reshape(nq * query_vectors, dim)), fetch)
+        return _top_items(ids.reshape(nq, -1), scores.reshape(nq, -1), wanted)
+
+    def _set_search_parameters(self, index: Any, nprobe: Optional[int], ef_search: Optional[int], fetch: int, gpu: bool = False) -> None:
+        space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
         if self.index_type in ("ivf", "ivfpq"):
             space.set_index_parameter(index, "nprobe", min(nprobe or self.options["nprobe"], self.options["nlist"]))
         elif self.index_type == "hnsw":
@@ -645,8 +783,8 @@ class RetrievalIndex:
         """Exact max-over-vectors scores of each query's candidates (float16 stored vectors), top ``k``."""
         rescored = []
         for query, (ids, _) in zip(queries, ranked):
-            ids = np.sort(ids)  # sorted rows read the memory map in file order
-            vectors = np.take(FLOAT16_TO_32, self._vectors[ids].view(np.uint16)).reshape(-1, self.dim)
+            ids = np.sort(ids)  # reads in file order
+            vectors = self._vectors[ids].reshape(-1, self.dim)
             scores = (vectors @ query.T).reshape(len(ids), self.vectors_per_item * len(query)).max(axis=1)
             best = np.lexsort((ids, -scores))[:k]
             rescored.append((ids[best], scores[best]))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lavis_lite import io as lavis_io
+from lavis_lite.errors import UserError
 from retrieval import index as index_module
 from retrieval.index import (
     INDEX_TYPES,
@@ -17,7 +18,7 @@ from retrieval.index import (
     IndexLoadError,
     IndexWriter,
     RetrievalIndex,
-    choose_index_type,
+    choose_index,
 )
 
 
@@ -92,7 +93,10 @@ def test_flat_ranks_text_queries_as_brute_force(exact_case, k):
     rng = np.random.default_rng(1)
     queries = normalised(rng.standard_normal((20, 32)))
     queries[:3] = features[3, :3]  # hit the duplicated item's vectors exactly
-    assert_same_ranking(index.search(queries, k), *brute_force(features, queries, k))
+    expected = brute_force(features, queries, k)
+    assert_same_ranking(index.search(queries, k), *expected)
+    # one query at a time takes the matrix-vector path instead of faiss's batched scan: the same ranking
+    assert_same_ranking([index.search(query[None], k)[0] for query in queries], *expected)
 
 
 @pytest.mark.parametrize("k", [1, 10, 40])
@@ -133,6 +137,12 @@ def clustered_case(tmp_path_factory):
         ("ivfpq", {"pq_bytes": 8, "pq_bits": 6, "train_size": 4000, "rescore": 40}, [({"rescore": 0}, 0.5), ({}, 0.85), ({"nprobe": 32}, 0.93)]),
         ("hnsw", {"hnsw_m": 16, "ef_construction": 40}, [({}, 0.95)]),
         ("ivf", {"first_stage": "mean", "rescore": 100}, [({}, 0.95)]),
+        ("pqfs", {"rescore": 40}, [({"rescore": 0}, 0.5), ({}, 0.9)]),
+        # per-item lists of scalar-quantised vectors under a fast-scan mean first stage (the 1M-image default)
+        ("pqfs", {"first_stage": "mean", "rescore_codes": "sq6", "rescore": 200, "exact_rescore": 20},
+         [({"exact_rescore": 0}, 0.9), ({}, 0.97), ({"rescore": 3000}, 0.99)]),
+        ("flat", {"first_stage": "mean", "rescore_codes": "sq8", "rescore": 200}, [({}, 0.97)]),
+        ("hnsw", {"first_stage": "mean", "rescore_codes": "sq4", "rescore": 200}, [({}, 0.8)]),
     ],
 )
 def test_approximate_recall_at_10(clustered_case, index_type, options, floors):
@@ -198,7 +208,7 @@ def test_manifest_contents(tmp_path):
     assert manifest == index.manifest
     assert {key: manifest[key] for key in caller} == caller
     assert manifest["format_version"] == 1
-    assert manifest["index_type"] == "flat" == choose_index_type(120, 4)
+    assert (manifest["index_type"], {}) == ("flat", {}) == choose_index(120, 4)
     assert (manifest["dim"], manifest["vectors_per_item"], manifest["count"], manifest["num_vectors"]) == (16, 4, 120, 480)
     assert manifest["indexed_vectors"] == 480
     assert manifest["faiss_version"] == index_module.faiss.__version__
@@ -207,12 +217,60 @@ def test_manifest_contents(tmp_path):
         IndexWriter(tmp_path / "other", dim=16, vectors_per_item=4, manifest={"count": 3})
 
 
-def test_choose_index_type_thresholds():
-    assert choose_index_type(1000, 32) == "flat"
-    assert choose_index_type(100_000, 32) == "ivf"
-    assert choose_index_type(1_000_000, 32) == "ivfpq"
-    assert choose_index_type(1_000_000, 1) == "flat"
-    assert set(INDEX_TYPES) == {"flat", "ivf", "ivfpq", "hnsw"}
+def test_choose_index_thresholds():
+    assert choose_index(1000, 32) == ("flat", {})
+    assert choose_index(100_000, 32) == ("ivf", {})
+    assert choose_index(1_000_000, 32) == ("pqfs", index_module.AUTO_ITEM_LISTS)
+    assert choose_index(1_000_000, 1) == ("flat", {})
+    assert choose_index(10_000_000, 1) == ("ivfpq", {})
+    assert set(INDEX_TYPES) == {"flat", "ivf", "ivfpq", "pqfs", "hnsw"}
+
+
+def test_item_lists_rescore_every_item_close_to_exact(clustered_case):
+    """sq8 item lists probing every item score within the quantiser's error of brute force; exact_rescore
+    re-ranks from float16; the per-item lists hold every vector once and need no float16 copy."""
+    features, queries, _, root = clustered_case
+    features = features[:500]
+    ids, scores = brute_force(features, queries[:20], 10)
+    lists = build(root / "sq8", features, index_type="flat", index_options={"first_stage": "mean", "rescore_codes": "sq8", "rescore": 500})
+    assert lists.manifest["indexed_vectors"] == features.shape[0] * features.shape[1]
+    assert not (lists.path / "vectors.f16.npy").exists()
+    hits = lists.search(queries[:20], 10)
+    np.testing.assert_allclose([[h.score for h in row] for row in hits], scores, atol=0.02)
+    assert recall_at(hits, ids) >= 0.95
+    exact = build(root / "sq4-exact", features, index_type="flat",
+                  index_options={"first_stage": "mean", "rescore_codes": "sq4", "rescore": 500, "exact_rescore": 40})  # fmt: skip
+    hits = exact.search(queries[:20], 10)
+    np.testing.assert_allclose([[h.score for h in row] for row in hits], scores, atol=2e-3)
+    assert recall_at(hits, ids) >= 0.99
+    assert [[h.item_id for h in row] for row in hits] == [[h.item_id for h in exact.search(q[None], 10)[0]] for q in queries[:20]]
+    with pytest.raises(ValueError, match="exact_rescore"):
+        lists.search(queries[:2], 10, exact_rescore=10)
+
+
+def test_auto_builds_item_lists_beyond_the_ivf_range(clustered_case, monkeypatch):
+    """Past IVF_MAX_VECTORS, ``auto`` builds the per-item lists with AUTO_ITEM_LISTS; the caller's options win."""
+    features, queries, _, root = clustered_case
+    monkeypatch.setattr(index_module, "FLAT_MAX_VECTORS", 100)
+    monkeypatch.setattr(index_module, "IVF_MAX_VECTORS", 1000)
+    index = build(root / "auto-lists", features[:1000], chunk=300, index_options={"exact_rescore": 16})
+    assert index.manifest["index_type"] == "pqfs"
+    assert {**index_module.AUTO_ITEM_LISTS, "exact_rescore": 16}.items() <= index.manifest["index_options"].items()
+    ids, _ = brute_force(features[:1000], queries[:20], 10)
+    assert recall_at(index.search(queries[:20], 10), ids) >= 0.95
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"rescore_codes": "sq6"}, "needs first_stage 'mean'"),
+        ({"first_stage": "mean", "rescore_codes": "sq5"}, "rescore_codes must be"),
+        ({"pq_bytes": 3}, "pqfs needs 2 x pq_bytes to divide dim"),
+    ],
+)
+def test_bad_item_list_options_are_rejected_by_name(tmp_path, options, message):
+    with pytest.raises(UserError, match=message):
+        build(tmp_path / "bad", random_features(50, 4, 16, seed=8), index_type="pqfs", index_options=options)
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_build(tmp_path):
