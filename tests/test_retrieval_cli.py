@@ -360,7 +360,8 @@ def test_evaluate_writes_recall_json(assets, tmp_path, capsys):
     assert "itm_t2i_r1" not in report["metrics"]
 
 
-# Skips only on a developer machine without Chromium; with CI set (.ci/run installs Debian chromium) it always runs.
+# The gallery is checked in a real browser. Skips only on a developer machine without Chromium; with CI set
+# (.ci/run installs Debian's chromium) it always runs, and a missing browser there fails instead of skipping.
 @pytest.mark.skipif(not shutil.which("chromium") and not os.environ.get("CI"), reason="no Chromium here (CI installs it)")
 def test_html_gallery_shows_every_hit_in_chromium(indexes, tmp_path, capsys):
     page = tmp_path / "hits.html"
