@@ -208,6 +208,11 @@ def resolve_index_options(index_type: str, num_indexed: int, dim: int, options: 
     return options
 
 
+def _stores_vectors(options: dict) -> bool:
+    """Whether the index keeps ``vectors.f16.npy``: for float16 re-scoring, or to re-rank sq scores exactly."""
+    return bool(options.get("rescore")) and (options.get("rescore_codes", "f16") == "f16" or bool(options.get("exact_rescore")))
+
+
 def _factory_string(index_type: str, options: dict) -> str:
     return {
         "flat": "Flat",
@@ -347,7 +352,7 @@ def build_index(
     del samples
 
     store = None
-    if options["rescore"] and (codes == "f16" or options["exact_rescore"]):
+    if _stores_vectors(options):
         store = np.lib.format.open_memmap(work_dir / VECTORS_FILE, "w+", np.float16, (count, vectors_per_item, dim))
     metadata = MetadataWriter(work_dir)
     start = 0
@@ -639,8 +644,7 @@ class RetrievalIndex:
                 f"{index_path} holds {index.ntotal} vectors of dim {index.d}, {path / MANIFEST_FILE} says "
                 f"{manifest['indexed_vectors']} of dim {manifest['dim']}: rebuild the index"
             )
-        options = manifest["index_options"]
-        has_vectors = options.get("rescore") and (options.get("rescore_codes", "f16") == "f16" or options.get("exact_rescore"))
+        has_vectors = _stores_vectors(manifest["index_options"])
         for name in (ITEMS_FILE, OFFSETS_FILE) + ((VECTORS_FILE,) if has_vectors else ()):
             if not (path / name).exists():
                 raise IndexLoadError(f"{path / name} is missing: rebuild the index")
@@ -701,19 +705,17 @@ class RetrievalIndex:
             raise ValueError(f"{self.path} was built without rescore, so it stores no vectors to re-score with")
         if self.options["first_stage"] == "mean" and not rescore:
             raise ValueError(f"{self.path} has a 'mean' first stage: rescore must be > 0")
-        if self.rescore_codes != "f16":
+        if self.rescore_codes == "f16":
+            exact = rescore  # every candidate of the first stage is re-scored from float16
+            with self._lock:
+                ranked = self._first_stage(queries, max(k, rescore), nprobe, ef_search)
+        else:
             exact = self.options.get("exact_rescore", 0) if exact_rescore is None else exact_rescore
             if exact and self._vectors is None:
                 raise ValueError(f"{self.path} was built without exact_rescore, so it stores no float16 vectors")
             with self._lock:
                 ranked = self._scan_item_lists(queries, max(k, exact), rescore, nprobe, ef_search)
-            ranked = self._rescore(queries, ranked, k) if exact else [(ids[:k], scores[:k]) for ids, scores in ranked]
-            return [[Hit(int(i), float(s)) for i, s in zip(ids, scores)] for ids, scores in ranked]
-        wanted = max(k, rescore)
-        with self._lock:
-            ranked = self._first_stage(queries, wanted, nprobe, ef_search)
-        if rescore:
-            ranked = self._rescore(queries, ranked, k)
+        ranked = self._rescore(queries, ranked, k) if exact else [(ids[:k], scores[:k]) for ids, scores in ranked]
         return [[Hit(int(i), float(s)) for i, s in zip(ids, scores)] for ids, scores in ranked]
 
     def _first_stage(self, queries: np.ndarray, wanted: int, nprobe: Optional[int], ef_search: Optional[int]) -> list:
