@@ -10,14 +10,14 @@ stage 1 first and finds generation far worse without it. Here, with the demo rec
   stage 1 without ITG         -> stage 2     ITG's share of the head start (the recipe's stage-2 setting only)
 
 Every stage-2 run is the demo recipe with the same number of steps. The first three arms each get their own
-best Q-Former-side schedule from a small sweep (`--sweep`: `SCALE@START` sets `train.optim.lr_scale` of the
-Q-Former side to SCALE times the stage-2 lr and `train.optim.start_step` to START; the recipe's own is
-0.05@150), and the table shows every run of the sweep with each arm's best in bold. Retrieval R@1/R@5 and the
+best Q-Former-side schedule from a small sweep (`--sweep`: `recipe` is the recipe's own per-module schedule;
+`SCALE@START` sets `train.optim.lr_scale` of the whole Q-Former side to SCALE times the stage-2 lr and
+`train.optim.start_step` to START), and the table shows every run of the sweep with each arm's best in bold. Retrieval R@1/R@5 and the
 within-image query cosine are the stage-1 model's (the cosine also after stage 2); caption metrics are
 stage 2's, all on the held-out split.
 
-    .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep 0.05@150 0.05@0 0.2@0]
-        [--eval-images N] [--stage2-steps N]
+    .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep recipe 0.05@0 0.2@0]
+        [--eval-images N] [--stage2-steps N] [--seeds 0 1 ...]
 
 Each run lands in its own directory under `--out`; a run whose metrics.json exists is reused, so an
 interrupted ablation continues where it stopped. Writes `--out`/ablation.md and ablation.json.
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE1_RECIPE = "configs/stage1/demo.yaml"
 STAGE2_RECIPE = "configs/stage2/demo.yaml"
 STAGE1_PARTS = ("qformer", "query_tokens", "ln_vision")
-RECIPE_SETTING = "0.05@150"
+RECIPE = "recipe"  # the sweep setting that keeps the recipe's own lr_scale / start_step
 
 
 @dataclass
@@ -63,20 +63,27 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
-def parse_setting(text: str) -> tuple[float, int]:
-    """`SCALE@START` (or `SCALE`, START 0) -> (lr scale of the Q-Former side, its start step)."""
+def parse_setting(text: str) -> tuple[float, int] | str:
+    """`recipe`, or `SCALE@START` (or `SCALE`, START 0) -> (lr scale of the Q-Former side, its start step)."""
+    if text == RECIPE:
+        return RECIPE
     scale, _, start = text.partition("@")
     try:
         return float(scale), int(start or 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad sweep setting {text!r}: write SCALE@START, e.g. 0.05@150") from None
+        raise argparse.ArgumentTypeError(f"bad sweep setting {text!r}: write {RECIPE} or SCALE@START, e.g. 0.05@150") from None
 
 
-def setting_overrides(scale: float, start: int) -> list[str]:
-    def mapping(value: float | int) -> str:
-        return "{" + ", ".join(f"{part}: {value}" for part in STAGE1_PARTS) + "}"
-
-    return [f"train.optim.lr_scale={mapping(scale)}", f"train.optim.start_step={mapping(start) if start else '{}'}"]
+def setting_overrides(setting: tuple[float, int] | str) -> list[str]:
+    """The stage-2 overrides of a sweep setting; `recipe` spells out the recipe's own schedule, so that a reused
+    run is checked against it too."""
+    if setting == RECIPE:
+        optim = OmegaConf.load(ROOT / STAGE2_RECIPE).train.optim
+        schedule = {key: plain(optim.get(key, {})) for key in ("lr_scale", "start_step")}
+    else:
+        scale, start = setting
+        schedule = {"lr_scale": dict.fromkeys(STAGE1_PARTS, scale), "start_step": dict.fromkeys(STAGE1_PARTS, start) if start else {}}
+    return [f"train.optim.{key}={{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}" for key, value in schedule.items()]
 
 
 def plain(value: object) -> object:
@@ -107,10 +114,13 @@ def run(module: str, recipe: str, output_dir: Path, overrides: list[str]) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
-    parser.add_argument("--sweep", type=parse_setting, nargs="+", default=[parse_setting(s) for s in (RECIPE_SETTING, "0.05@0", "0.2@0")],
-                        help=f"Q-Former-side settings SCALE@START (default {RECIPE_SETTING} 0.05@0 0.2@0)")
+    parser.add_argument("--sweep", type=parse_setting, nargs="+", default=[parse_setting(s) for s in (RECIPE, "0.05@0", "0.2@0")],
+                        help=f"Q-Former-side settings: {RECIPE} or SCALE@START (default {RECIPE} 0.05@0 0.2@0)")
     parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 recipe's train.steps")
     parser.add_argument("--eval-images", type=int, default=0, help="held-out images captioned (0: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="stage-2 seeds (train.seed and data.seed) each setting runs with; the table shows their "
+                             "mean (default: the recipe's seeds, one run)")
     args = parser.parse_args()
     out = args.out.resolve()
     common = [f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
@@ -124,36 +134,47 @@ def main() -> None:
             stage1_dir = out / f"stage1-{slug(arm.name)}"
             stage1 = run("stage1.train", STAGE1_RECIPE, stage1_dir, arm.stage1)
             start = [f"model.stage1_checkpoint={stage1_dir}"]
-        for scale, start_step in args.sweep if arm.swept else [parse_setting(RECIPE_SETTING)]:
-            stage2_dir = out / f"stage2-{slug(arm.name)}-qf{scale:g}-start{start_step}"
-            stage2 = run("stage2.train", STAGE2_RECIPE, stage2_dir, [*start, *setting_overrides(scale, start_step), *common])
-            rows.append({"arm": arm.name, "qformer_lr_scale": scale, "qformer_start_step": start_step,
-                         "stage1": stage1, "stage2": stage2})
+        for setting in args.sweep if arm.swept else [RECIPE]:
+            label = RECIPE if setting == RECIPE else "{:g}@{}".format(*setting)
+            runs = []
+            for seed in args.seeds or [None]:
+                stage2_dir = out / (f"stage2-{slug(arm.name)}-{slug(label)}" + ("" if seed is None else f"-seed{seed}"))
+                seeds = [] if seed is None else [f"train.seed={seed}", f"data.seed={seed}"]
+                runs.append(run("stage2.train", STAGE2_RECIPE, stage2_dir, [*start, *setting_overrides(setting), *seeds, *common]))
+            rows.append({"arm": arm.name, "qformer_schedule": label, "stage1": stage1, "stage2": mean_metrics(runs),
+                         "stage2_runs": runs})
     table = render(rows)
     (out / "ablation.md").write_text(table + "\n")
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
 
 
+def mean_metrics(runs: list[dict]) -> dict:
+    """The stage-2 metrics averaged over seeds (the numeric ones)."""
+    return {key: sum(r[key] for r in runs) / len(runs) for key, value in runs[0].items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def render(rows: list[dict]) -> str:
-    """One markdown table; each arm's best run (by attribute accuracy) in bold."""
+    """One markdown table; each arm's best setting (by mean attribute accuracy) in bold."""
     best = {}
     for row in rows:
         if row["arm"] not in best or row["stage2"]["caption_attr_acc"] > best[row["arm"]]["stage2"]["caption_attr_acc"]:
             best[row["arm"]] = row
     lines = [
-        "| start of stage 2 | Q-Former lr (x stage-2 lr) from step | attribute accuracy | colours | shapes "
+        "| start of stage 2 | Q-Former lr (x stage-2 lr) @ start step | attribute accuracy | per seed | colours | shapes "
         "| held-out caption loss | stage-1 R@1 t2i / i2t | stage-1 R@5 t2i / i2t | query cosine after stage 1 / stage 2 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         s1, s2 = row["stage1"], row["stage2"]
         mark = "**" if best[row["arm"]] is row else ""
         retrieval = [f"{100 * s1[f't2i_r{k}']:.1f} / {100 * s1[f'i2t_r{k}']:.1f}" if s1 else "-" for k in (1, 5)]
         cosine = (f"{s1['query_cosine']:.3f}" if s1 else "-") + f" / {s2['query_cosine']:.3f}"
+        seeds = " / ".join(f"{100 * r['caption_attr_acc']:.1f}" for r in row["stage2_runs"])
         lines.append(
-            f"| {row['arm']} | {row['qformer_lr_scale']:g} from {row['qformer_start_step']} "
-            f"| {mark}{100 * s2['caption_attr_acc']:.1f}%{mark} | {100 * s2['caption_colour_acc']:.1f}% "
+            f"| {row['arm']} | {row['qformer_schedule']} "
+            f"| {mark}{100 * s2['caption_attr_acc']:.1f}%{mark} | {seeds} | {100 * s2['caption_colour_acc']:.1f}% "
             f"| {100 * s2['caption_shape_acc']:.1f}% | {s2['caption_loss']:.3f} | {retrieval[0]} | {retrieval[1]} | {cosine} |"
         )
     return "\n".join(lines)

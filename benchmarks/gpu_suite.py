@@ -34,19 +34,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from lavis_lite.config import Stage2ModelConfig, load_model_config, merge_config  # noqa: E402
-from lavis_lite.interop.convert_hf import (  # noqa: E402
+from lavis_lite.config import Stage2ModelConfig, load_model_config, merge_config
+from lavis_lite.interop.convert_hf import (
     hf_conditional_generation_config,
     hf_retrieval_config,
     to_hf_conditional_generation,
     to_hf_retrieval,
 )
-from lavis_lite.models.llm import lm_inputs, padded_prompt_ids  # noqa: E402
-from lavis_lite.models.stage1_model import Blip2Stage1  # noqa: E402
-from lavis_lite.models.stage2_model import Blip2Stage2  # noqa: E402
+from lavis_lite.models.llm import lm_inputs, padded_prompt_ids
+from lavis_lite.models.stage1_model import Blip2Stage1
+from lavis_lite.models.stage2_model import Blip2Stage2
 
 TOLERANCES = {"fp32_itc": 1e-5, "fp32_itm": 1e-5, "fp32_logits": 1e-4, "bf16_itc": 2e-2, "bf16_itm": 0.25, "bf16_logits": 0.5}
 

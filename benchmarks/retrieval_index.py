@@ -53,9 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from retrieval.index import RetrievalIndex, build_index  # noqa: E402
+from lavis_lite.retrieval.index import RetrievalIndex, build_index
 
 DIM, VECTORS = 256, 32
 DEFAULT_TYPES = ["flat", "ivf", "ivfpq", "ivfpq:rescore=64", "hnsw:hnsw_m=16,ef_construction=40", "mean-flat", "mean-hnsw"]
@@ -182,7 +180,7 @@ def directory_mb(path: Path) -> float:
 
 RESIDENT_PROBE = """
 import sys, numpy as np
-from retrieval.index import RetrievalIndex
+from lavis_lite.retrieval.index import RetrievalIndex
 def rss():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return int(fields["VmRSS"].split()[0]) / 1024

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -26,9 +25,7 @@ import numpy as np
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from retrieval.index import IndexWriter  # noqa: E402
+from lavis_lite.retrieval.index import IndexWriter
 
 QUERIES = ["a red circle", "a large blue square on the left", "a small yellow star above a large green triangle",
            "a green cross", "two purple hearts", "an orange triangle at the bottom", "a small white circle"]
@@ -37,7 +34,7 @@ QUERIES = ["a red circle", "a large blue square on the left", "a small yellow st
 def demo_index(checkpoint: str, work: Path) -> Path:
     out = work / "demo-index"
     if not (out / "manifest.json").is_file():
-        from retrieval import build
+        from lavis_lite.retrieval import build
 
         args = [f"checkpoint={checkpoint}", f"corpus.path={ROOT / 'data/synthetic/val'}", f"output_dir={out}", "resume=false"]
         assert build.main(["--config", "retrieval/demo", *args]) == 0

@@ -17,7 +17,7 @@ import torch
 from lavis_lite.models.stage1_model import Blip2Stage1
 from lavis_lite.precision import resolve_autocast
 from lavis_lite.training.train_loop import param_groups
-from stage1.config import load_stage1_config
+from lavis_lite.stage1.config import load_stage1_config
 
 
 def timed(fn, repeats: int) -> float:
@@ -93,8 +93,8 @@ def main() -> None:
 
     t_ours, t_theirs = timed(ours, args.repeats), timed(theirs, args.repeats)
     print(f"stage-1 step, {args.config}: batch {batch}, {q.num_query_tokens} queries, {tokens} image tokens, "
-          f"text {args.text_len}, losses {'+'.join(cfg.model.losses)}, ITM/ITG on "
-          f"{cfg.model.itm_itg_batch_fraction:.0%} of the batch, precision {precision}, "
+          f"text {args.text_len}, losses {'+'.join(cfg.model.losses)}, ITM on "
+          f"{cfg.model.itm_batch_fraction:.0%} and ITG on {cfg.model.itg_batch_fraction:.0%} of the batch, precision {precision}, "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'phase':<28}{'seconds':>9}{'share':>8}")
     for name, seconds in (("forward (3 losses)", t_forward), ("backward", t_step - t_forward),

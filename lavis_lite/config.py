@@ -71,10 +71,12 @@ class ModelConfig:
     losses: list[str] = field(default_factory=lambda: ["itc", "itm", "itg"])
     itc_label_smoothing: float = 0.1
     itg_label_smoothing: float = 0.1
-    # Share of each local batch (its first pairs) that ITM and ITG are computed on; ITC always sees all of it
-    # and ITM negatives are still drawn from the whole global batch. 1.0 is BLIP-2; lower it where compute is
-    # scarce (ITM's joint pass over 3B pairs costs ~3x the ITC passes).
-    itm_itg_batch_fraction: float = 1.0
+    # Shares of each local batch (its first pairs) that ITM and ITG are computed on; ITC always sees all of it
+    # and ITM negatives are still drawn from the whole global batch. 1.0 is BLIP-2; lower them where compute is
+    # scarce: ITM's joint pass over 3B pairs costs ~3x the ITC passes, ITG (text attending to the image pass's
+    # cached query keys/values) about one text pass plus the vocabulary projection.
+    itm_batch_fraction: float = 1.0
+    itg_batch_fraction: float = 1.0
     ln_vision_eps: float = 1e-5  # LAVIS's (beside the ViT's 1e-6); transformers uses the ViT's layer_norm_eps
     # Pairs whose cleaned captions are equal (the data's `sample_id`) are ITC positives of each other and never
     # ITM negatives. LAVIS's BLIP-2 pre-training counts only a pair itself (False): on web data, boilerplate

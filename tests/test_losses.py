@@ -47,6 +47,28 @@ def test_single_loss_selection(batch):
         tiny_model("losses=[itc,mlm]")
 
 
+def test_itm_and_itg_batch_fractions_set_their_own_shares(batch):
+    """ITM's and ITG's losses are those of the batch's first pairs alone, each share set on its own."""
+    images, ids, mask = batch
+    model = tiny_model("itm_batch_fraction=0.25", "itg_batch_fraction=0.5")
+    seen = {}
+    for name in ("_itm_loss", "_itg_loss"):
+        original = getattr(model, name)
+
+        def spy(*args, _name=name, _original=original):
+            seen[_name] = args
+            return _original(*args)
+
+        setattr(model, name, spy)
+    with torch.no_grad():
+        out = model(ids, mask, images=images, generator=torch.Generator().manual_seed(0))
+        first = tiny_model("itm_batch_fraction=1.0", "itg_batch_fraction=1.0", "losses=[itg]")
+        full_itg = first(ids[: B // 2], mask[: B // 2], images=images[: B // 2]).loss_itg
+    assert seen["_itm_loss"][-1] == B // 4, "ITM on a quarter of the pairs"
+    assert seen["_itg_loss"][0].shape[0] == B // 2, "ITG on half"
+    torch.testing.assert_close(out.loss_itg, full_itg)  # ITG of the first half = the first half's whole-batch ITG
+
+
 def test_overfitting_a_batch_lowers_every_loss(batch):
     images, ids, mask = batch
     model = tiny_model().train()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from lavis_lite.config import ConfigError
 from lavis_lite.evaluation.retrieval_metrics import rerank_top_k, retrieval_recall
 from lavis_lite.training.train_config import OptimConfig, TrainConfig
 from lavis_lite.training.train_loop import param_groups, train, warmup_cosine
@@ -123,6 +124,18 @@ def test_late_starting_parameters_wait_then_warm_up(tmp_path):
     assert not torch.equal(model[0].weight, start[0]) and not torch.equal(model[1].weight, start[2])
     groups = param_groups(model, 0.05, 0.05, start_step={"0": 3})
     assert sorted(g["start_step"] for g in groups) == [0, 0, 3, 3]
+
+
+def test_schedule_keys_must_name_a_trainable_module():
+    """A misspelt or frozen module in lr_scale / start_step is an error, not a silent no-op."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)))
+    model[0].requires_grad_(False)
+    groups = param_groups(model, 0.05, 0.1, lr_scale={"1.0": 0.5, "1.1.bias": 2.0})
+    assert sorted(g["lr"] for g in groups) == pytest.approx([0.05, 0.05, 0.1, 0.2])
+    for option in ("lr_scale", "start_step"):
+        for key in ("2", "1.0.weightt", "0"):  # no such module; a typo; frozen
+            with pytest.raises(ConfigError, match=rf"train.optim.{option} names no trainable module.*{key}"):
+                param_groups(model, 0.05, 0.1, **{option: {key: 1}})
 
 
 def test_host_syncs_and_plots_only_when_logging_and_saving(tmp_path, monkeypatch):

@@ -25,8 +25,8 @@ from lavis_lite.data.training_data import TrainingData
 from lavis_lite.demo.synthetic import COLOURS, SHAPES
 from lavis_lite.models.factory import load_stage1_checkpoint
 from lavis_lite.models.vision import build_vision_encoder
-from stage1.config import load_stage1_config
-from stage2.evaluate import named_objects
+from lavis_lite.stage1.config import load_stage1_config
+from lavis_lite.stage2.evaluate import named_objects
 
 COLOUR_NAMES = list(COLOURS)
 

@@ -27,9 +27,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lavis_lite.data.samples import (  # noqa: E402
+from lavis_lite.data.samples import (
     CAPTION_NOT_UTF8,
     CORRUPT_IMAGE,
     EMPTY_CAPTION,
@@ -217,7 +215,7 @@ def read_with_training_loader(shards: Path) -> tuple[list[str], dict[str, int]]:
 def read_with_indexer(path: Path) -> tuple[list[str], dict[str, int]]:
     """The keys an image index would hold (entries listed, images decoded), and the skip counts."""
     from lavis_lite.data.samples import SkipCounter
-    from retrieval.corpus import Corpus
+    from lavis_lite.retrieval.corpus import Corpus
 
     corpus = Corpus(str(path), max_pixels=MAX_PIXELS)
     skipped = SkipCounter()

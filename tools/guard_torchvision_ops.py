@@ -8,6 +8,7 @@ models) except that `_meta_registrations.py` registers fake kernels for
 does nothing when the C++ ops load.
 """
 
+import argparse
 import importlib.util
 import pathlib
 import sys
@@ -17,6 +18,7 @@ GUARDED = '@(torch.library.register_fake if torchvision.extension._has_ops() els
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         print("torchvision is not installed; nothing to do")

@@ -37,9 +37,9 @@ from lavis_lite.evaluation.query_diversity import qformer_hidden_states, query_s
 from lavis_lite.models.factory import create_stage2_model, load_stage1_checkpoint, load_stage2_checkpoint
 from lavis_lite.models.llm import IGNORE
 from lavis_lite.models.stage2_model import Blip2Stage2
-from stage1.config import load_stage1_config
-from stage2.config import load_stage2_config
-from stage2.objective import caption_text
+from lavis_lite.stage1.config import load_stage1_config
+from lavis_lite.stage2.config import load_stage2_config
+from lavis_lite.stage2.objective import caption_text
 
 POSITION_WORDS = {"left", "right", "top", "bottom", "center", "corner", "above", "below"}
 CHANCE = {"colour": math.log(len(COLOURS)), "shape": math.log(len(SHAPES))}

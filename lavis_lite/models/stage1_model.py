@@ -128,18 +128,19 @@ class Blip2Stage1(nn.Module):
         sim_t2i = self.itc_similarity(image_feats_all, text_feat).t()
 
         losses: dict[str, Tensor] = {}
-        aux = max(1, round(batch * self.cfg.itm_itg_batch_fraction))
         if "itc" in self.cfg.losses:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
             losses["itc"] = itc_loss(sim_i2t, sim_t2i, positives, self.temp, self.cfg.itc_label_smoothing)
         if "itm" in self.cfg.losses:
             losses["itm"] = self._itm_loss(
-                image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, generator, aux
+                image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives, generator,
+                _share(batch, self.cfg.itm_batch_fraction),
             )
         if "itg" in self.cfg.losses:
-            query_key_values = [(k[:aux], v[:aux]) for k, v in query_key_values]
-            losses["itg"] = self._itg_loss(input_ids[:aux], attention_mask[:aux], query_key_values)
+            count = _share(batch, self.cfg.itg_batch_fraction)
+            query_key_values = [(k[:count], v[:count]) for k, v in query_key_values]
+            losses["itg"] = self._itg_loss(input_ids[:count], attention_mask[:count], query_key_values)
         return Stage1Output(
             loss=sum(losses.values()),
             loss_itc=losses.get("itc"),
@@ -185,3 +186,8 @@ class Blip2Stage1(nn.Module):
         logits = self.qformer.lm_logits(text_out[:, :-1][predicts])
         return itg_loss(logits, decoder_ids[:, 1:][predicts], self.cfg.itg_label_smoothing)
 
+
+
+def _share(batch: int, fraction: float) -> int:
+    """How many of a batch's first pairs a loss computed on `fraction` of it sees (at least one)."""
+    return max(1, round(batch * fraction))

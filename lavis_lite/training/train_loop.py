@@ -85,6 +85,13 @@ def param_groups(
     `start_step` maps module names to the step at which they start to train (their learning rate is 0 until
     then, then warms up as the schedule does); each group carries its `start_step`.
     """
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    for option, by_prefix in (("lr_scale", lr_scale), ("start_step", start_step)):
+        unknown = [key for key in by_prefix or {} if not any(n == key or n.startswith(key + ".") for n in trainable)]
+        if unknown:
+            modules = sorted({n.split(".")[0] for n in trainable})
+            raise ConfigError(f"train.optim.{option} names no trainable module or parameter: {', '.join(unknown)}; "
+                              f"name one of {modules} or a submodule such as {trainable[0].rsplit('.', 1)[0]}")
     groups: dict[tuple[float, int, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -1,0 +1,44 @@
+"""The bootstrapping ablation's bookkeeping: sweep settings, the recipe's own schedule, seed means, the table."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bootstrap_ablation", ROOT / "benchmarks" / "bootstrap_ablation.py")
+ablation = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))  # dataclasses look it up there
+spec.loader.exec_module(ablation)
+
+
+def test_recipe_setting_spells_out_the_recipes_schedule():
+    """`recipe` sends the stage-2 recipe's own lr_scale / start_step, so a reused run is checked against them."""
+    overrides = OmegaConf.from_dotlist(ablation.setting_overrides(ablation.parse_setting("recipe")))
+    recipe = OmegaConf.load(ROOT / ablation.STAGE2_RECIPE)
+    assert overrides.train.optim.lr_scale == recipe.train.optim.lr_scale
+    assert overrides.train.optim.start_step == recipe.train.optim.start_step
+    uniform = OmegaConf.from_dotlist(ablation.setting_overrides(ablation.parse_setting("0.2@0")))
+    assert dict(uniform.train.optim.lr_scale) == dict.fromkeys(ablation.STAGE1_PARTS, 0.2)
+    assert dict(uniform.train.optim.start_step) == {}
+    with pytest.raises(Exception, match="bad sweep setting"):
+        ablation.parse_setting("fast")
+
+
+def test_table_shows_seed_means_and_each_arms_best_in_bold():
+    def metrics(acc):
+        return {"caption_attr_acc": acc, "caption_colour_acc": acc, "caption_shape_acc": acc, "caption_loss": 1 - acc,
+                "query_cosine": 0.5, "caption_examples": []}
+
+    stage1 = {"t2i_r1": 0.8, "i2t_r1": 0.9, "t2i_r5": 1.0, "i2t_r5": 1.0, "query_cosine": 0.75}
+    rows = []
+    for label, accs in (("recipe", [0.4, 0.6]), ("0.2@0", [0.7, 0.1])):
+        runs = [metrics(a) for a in accs]
+        rows.append({"arm": "stage 1", "qformer_schedule": label, "stage1": stage1,
+                     "stage2": ablation.mean_metrics(runs), "stage2_runs": runs})
+    assert rows[0]["stage2"]["caption_attr_acc"] == pytest.approx(0.5) and "caption_examples" not in rows[0]["stage2"]
+    lines = ablation.render(rows).splitlines()
+    assert "| stage 1 | recipe | **50.0%** | 40.0 / 60.0 |" in lines[2]
+    assert "| stage 1 | 0.2@0 | 40.0% | 70.0 / 10.0 |" in lines[3], "best by the mean, not by one lucky seed"
+    assert "80.0 / 90.0" in lines[2]
