@@ -17,7 +17,7 @@ within-image query cosine are the stage-1 model's (the cosine also after stage 2
 stage 2's, all on the held-out split.
 
     .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep recipe 0.05@0 0.2@0]
-        [--eval-images N] [--stage2-steps N] [--seeds 0 1 ...]
+        [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...]
 
 Each run lands in its own directory under `--out`; a run whose metrics.json exists is reused, so an
 interrupted ablation continues where it stopped. Writes `--out`/ablation.md and ablation.json.
@@ -74,6 +74,16 @@ def parse_setting(text: str) -> tuple[float, int] | str:
         raise argparse.ArgumentTypeError(f"bad sweep setting {text!r}: write {RECIPE} or SCALE@START, e.g. 0.05@150") from None
 
 
+def parse_seed(text: str) -> int | None:
+    """`r` (the recipe's own seeds: None) or an integer."""
+    if text == "r":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad seed {text!r}: write r (the recipe's) or an integer") from None
+
+
 def setting_overrides(setting: tuple[float, int] | str) -> list[str]:
     """The stage-2 overrides of a sweep setting; `recipe` spells out the recipe's own schedule, so that a reused
     run is checked against it too."""
@@ -118,9 +128,9 @@ def main() -> None:
                         help=f"Q-Former-side settings: {RECIPE} or SCALE@START (default {RECIPE} 0.05@0 0.2@0)")
     parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 recipe's train.steps")
     parser.add_argument("--eval-images", type=int, default=0, help="held-out images captioned (0: all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="stage-2 seeds (train.seed and data.seed) each setting runs with; the table shows their "
-                             "mean (default: the recipe's seeds, one run)")
+    parser.add_argument("--seeds", type=parse_seed, nargs="+", default=[None],
+                        help="stage-2 seeds (train.seed and data.seed) each setting runs with, r for the recipe's own; "
+                             "the table shows their mean (default: r)")
     args = parser.parse_args()
     out = args.out.resolve()
     common = [f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
@@ -137,7 +147,7 @@ def main() -> None:
         for setting in args.sweep if arm.swept else [RECIPE]:
             label = RECIPE if setting == RECIPE else "{:g}@{}".format(*setting)
             runs = []
-            for seed in args.seeds or [None]:
+            for seed in args.seeds:
                 stage2_dir = out / (f"stage2-{slug(arm.name)}-{slug(label)}" + ("" if seed is None else f"-seed{seed}"))
                 seeds = [] if seed is None else [f"train.seed={seed}", f"data.seed={seed}"]
                 runs.append(run("stage2.train", STAGE2_RECIPE, stage2_dir, [*start, *setting_overrides(setting), *seeds, *common]))

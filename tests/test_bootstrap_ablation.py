@@ -24,6 +24,9 @@ def test_recipe_setting_spells_out_the_recipes_schedule():
     assert dict(uniform.train.optim.start_step) == {}
     with pytest.raises(Exception, match="bad sweep setting"):
         ablation.parse_setting("fast")
+    assert [ablation.parse_seed(t) for t in ("r", "1")] == [None, 1]
+    with pytest.raises(Exception, match="bad seed"):
+        ablation.parse_seed("one")
 
 
 def test_table_shows_seed_means_and_each_arms_best_in_bold():
