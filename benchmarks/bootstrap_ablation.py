@@ -12,9 +12,9 @@ stage 1 first and finds generation far worse without it. Here, with the demo rec
 Every stage-2 run is the demo recipe with the same number of steps. The first three arms each get their own
 best Q-Former-side schedule from a small sweep (`--sweep`: `recipe` is the recipe's own per-module schedule;
 `SCALE@START` sets `train.optim.lr_scale` of the whole Q-Former side to SCALE times the stage-2 lr and
-`train.optim.start_step` to START), and the table shows every run of the sweep with each arm's best in bold. Retrieval R@1/R@5 and the
-within-image query cosine are the stage-1 model's (the cosine also after stage 2); caption metrics are
-stage 2's, all on the held-out split.
+`train.optim.start_step` to START), each setting run with every `--seeds` seed; the table shows every setting,
+its mean over the seeds and each arm's best in bold. Retrieval R@1/R@5 and the within-image query cosine are
+the stage-1 model's (the cosine also after stage 2); caption metrics are stage 2's, all on the held-out split.
 
     .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep recipe 0.05@0 0.2@0]
         [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...]

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lavis_lite.retrieval.index import RetrievalIndex, build_index
+from lavis_lite.retrieval.index import VECTORS_FILE, RetrievalIndex, build_index
 
 DIM, VECTORS = 256, 32
 DEFAULT_TYPES = ["flat", "ivf", "ivfpq", "ivfpq:rescore=64", "hnsw:hnsw_m=16,ef_construction=40", "mean-flat", "mean-hnsw"]
@@ -175,7 +175,7 @@ def evict(path: Path) -> None:
 
 
 def directory_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.iterdir() if f.name in ("index.faiss", "vectors.f16.npy")) / 2**20
+    return sum(f.stat().st_size for f in path.iterdir() if f.name in ("index.faiss", VECTORS_FILE)) / 2**20
 
 
 RESIDENT_PROBE = """
@@ -197,8 +197,7 @@ def resident_mb(path: Path, queries: np.ndarray, work: Path) -> float:
     ``queries`` one by one with its default search settings."""
     queries_file = work / "resident-queries.npy"
     np.save(queries_file, queries)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", RESIDENT_PROBE, str(path), str(queries_file)], env=env,
+    out = subprocess.run([sys.executable, "-c", RESIDENT_PROBE, str(path), str(queries_file)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     return float(out.stdout.split()[-1])
 
@@ -276,11 +275,11 @@ def main() -> None:
             single = [timed(lambda q=query: index.search(q[None], args.k, **setting)) for query in queries[: args.latency_queries]]
             latency_ms, latency_cpu_ms = (1000 * np.mean([t[i] for t in single]) for i in (0, 1))
             cold_ms = float("nan")
-            if (out / "vectors.f16.npy").exists() and setting.get("rescore", index.options["rescore"]) and \
+            if (out / VECTORS_FILE).exists() and setting.get("rescore", index.options["rescore"]) and \
                     (index.rescore_codes == "f16" or setting.get("exact_rescore", index.options.get("exact_rescore"))):  # fmt: skip
                 cold = []
                 for query in queries[: args.latency_queries]:
-                    evict(out / "vectors.f16.npy")
+                    evict(out / VECTORS_FILE)
                     cold.append(timed(lambda q=query: index.search(q[None], args.k, **setting))[0])
                 cold_ms = 1000 * float(np.mean(cold))
             batch_s, batch_cpu_s, hits = timed(lambda: index.search(queries[: args.queries], args.k, **setting))

@@ -187,7 +187,6 @@ class Blip2Stage1(nn.Module):
         return itg_loss(logits, decoder_ids[:, 1:][predicts], self.cfg.itg_label_smoothing)
 
 
-
 def _share(batch: int, fraction: float) -> int:
     """How many of a batch's first pairs a loss computed on `fraction` of it sees (at least one)."""
     return max(1, round(batch * fraction))
