@@ -29,6 +29,20 @@ def test_round_trip_and_reuse(tmp_path):
     assert not FeatureCache.is_complete(tmp_path / "c", "fp2")
 
 
+def test_micro_batches_give_the_same_tokens(tmp_path):
+    calls = []
+
+    def encoder(images):
+        calls.append(len(images))
+        return images * 2
+
+    whole = build_feature_cache(lambda images: images * 2, fake_batches(23, size=10), tmp_path / "whole", "fp")
+    split = build_feature_cache(encoder, fake_batches(23, size=10), tmp_path / "split", "fp", micro_batch=4)
+    assert calls == [4, 4, 2, 4, 4, 2, 3], "each loader batch is encoded in micro-batches of at most 4"
+    assert split.keys == whole.keys
+    torch.testing.assert_close(split.tokens(range(23)), whole.tokens(range(23)), rtol=0, atol=0)
+
+
 def test_stream_is_a_function_of_the_batch_index(tmp_path):
     cache = build_feature_cache(lambda x: x, fake_batches(40), tmp_path / "c", "fp")
     straight = list(itertools.islice(cached_batches(cache, tokenize, 4, seed=3), 25))

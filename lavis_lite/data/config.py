@@ -32,7 +32,11 @@ class DataConfig:
     cache_features: bool = False
     cache_dir: str = "data/cache"
     trace_encoder: bool = True  # torch.jit.trace + freeze a CNN encoder while caching on CPU (2.3x faster)
+    # Images per frozen-encoder call while caching on CPU: a small batch's activations stay in the CPU's caches
+    # (EfficientNet-Lite0 at 128 px: 2.2x faster at 16 than at 128). On CUDA the loader's whole batch.
+    cache_micro_batch: int = 16
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped as image_too_large
 
     def __post_init__(self) -> None:
-        at_least("data", self, batch_size=1, num_workers=0, shuffle_buffer=1, max_words=1, max_image_pixels=1)
+        at_least("data", self, batch_size=1, num_workers=0, shuffle_buffer=1, max_words=1, max_image_pixels=1,
+                 cache_micro_batch=1)

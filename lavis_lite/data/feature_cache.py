@@ -82,8 +82,10 @@ def build_feature_cache(
     skipped: Optional[Any] = None,
     chunk_size: int = 4096,
     total: Optional[int] = None,
+    micro_batch: Optional[int] = None,
 ) -> FeatureCache:
-    """Run `encoder` over eval batches (fields image, key, caption) and store the tokens.
+    """Run `encoder` over eval batches (fields image, key, caption) and store the tokens; `micro_batch` images
+    per encoder call (None: each batch whole).
 
     Reuses a complete cache with the same fingerprint. Written into a temp directory and renamed, so
     an interrupted build leaves no half cache behind. `skipped` is the data's SkipCounter (recorded).
@@ -106,7 +108,9 @@ def build_feature_cache(
         for batch in batches:
             if skipped is not None:
                 skipped.update(batch)
-            pending.append(encoder(batch["image"]).float().cpu().numpy())
+            images = batch["image"]
+            tokens = [encoder(part) for part in images.split(micro_batch or len(images))]
+            pending.append(torch.cat(tokens).float().cpu().numpy())
             keys += list(batch["key"])
             captions += list(batch["caption"])
             progress.update(len(batch["key"]))

@@ -65,10 +65,12 @@ class TrainingData:
         if rank == 0 and not FeatureCache.is_complete(root, fingerprint):
             loader = self.loader(shards, train=False, resampled=False)
             encoder = self.encoder
-            if self.data.trace_encoder and encoder.traceable and not any(p.is_cuda for p in encoder.parameters()):
+            on_cpu = not any(p.is_cuda for p in encoder.parameters())
+            if self.data.trace_encoder and encoder.traceable and on_cpu:
                 image_size = self.vision.image_size
                 encoder = trace_encoder(encoder, torch.randn(2, 3, image_size, image_size))
-            build_feature_cache(encoder, loader, root, fingerprint, skipped=self.skipped)
+            micro_batch = self.data.cache_micro_batch if on_cpu else None
+            build_feature_cache(encoder, loader, root, fingerprint, skipped=self.skipped, micro_batch=micro_batch)
         if size > 1:
             torch.distributed.barrier()
         cache = FeatureCache(root)
