@@ -33,7 +33,8 @@ class DataConfig:
     cache_dir: str = "data/cache"
     trace_encoder: bool = True  # torch.jit.trace + freeze a CNN encoder while caching on CPU (2.3x faster)
     # Images per frozen-encoder call while caching on CPU: a small batch's activations stay in the CPU's caches
-    # (EfficientNet-Lite0 at 128 px: 2.2x faster at 16 than at 128). On CUDA the loader's whole batch.
+    # (EfficientNet-Lite0 at 128 px: 1.95x faster at 16 than at 128, benchmarks/encoder_batch.py). On CUDA the
+    # loader's whole batch.
     cache_micro_batch: int = 16
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped as image_too_large
 
