@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lavis_lite.data.feature_cache import trace_encoder
+from lavis_lite.data.feature_cache import encode_in_micro_batches, trace_encoder
 from lavis_lite.models.vision import build_vision_encoder
 from lavis_lite.stage1.config import load_stage1_config
 
@@ -29,7 +29,7 @@ def images_per_second(encoder, images: torch.Tensor, micro: int, repeats: int) -
     with torch.no_grad():
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            tokens = torch.cat([encoder(part) for part in images.split(micro)])
+            tokens = encode_in_micro_batches(encoder, images, micro)
             best = min(best, time.perf_counter() - start)
     return len(images) / best, tokens
 

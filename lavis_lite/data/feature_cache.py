@@ -44,6 +44,11 @@ def trace_encoder(encoder: FrozenVisionEncoder, example: Tensor) -> torch.jit.Sc
         return torch.jit.freeze(torch.jit.trace(encoder.eval(), example, check_trace=False))
 
 
+def encode_in_micro_batches(encoder: Callable[[Tensor], Tensor], images: Tensor, micro_batch: Optional[int]) -> Tensor:
+    """`encoder` over `images` in calls of `micro_batch` images (None: one call)."""
+    return torch.cat([encoder(part) for part in images.split(micro_batch or len(images))])
+
+
 class FeatureCache:
     """Cached tokens [N, L, C] (float16, memory-mapped) with their keys and captions."""
 
@@ -108,9 +113,7 @@ def build_feature_cache(
         for batch in batches:
             if skipped is not None:
                 skipped.update(batch)
-            images = batch["image"]
-            tokens = [encoder(part) for part in images.split(micro_batch or len(images))]
-            pending.append(torch.cat(tokens).float().cpu().numpy())
+            pending.append(encode_in_micro_batches(encoder, batch["image"], micro_batch).float().cpu().numpy())
             keys += list(batch["key"])
             captions += list(batch["caption"])
             progress.update(len(batch["key"]))
