@@ -17,7 +17,7 @@ its mean over the seeds and each arm's best in bold. Retrieval R@1/R@5 and the w
 the stage-1 model's (the cosine also after stage 2); caption metrics are stage 2's, all on the held-out split.
 
     .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep recipe 0.05@0 0.2@0]
-        [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...]
+        [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...] [--arms stage1 random ...] [--set KEY=VALUE ...]
 
 Each run lands in its own directory under `--out`; a run whose metrics.json exists is reused, so an
 interrupted ablation continues where it stopped. Writes `--out`/ablation.md and ablation.json.
@@ -45,6 +45,7 @@ RECIPE = "recipe"  # the sweep setting that keeps the recipe's own lr_scale / st
 
 @dataclass
 class Arm:
+    key: str  # its name on the command line (--arms)
     name: str
     stage1: list[str] | None  # stage-1 overrides; None: no stage 1
     stage2: list[str] = field(default_factory=list)  # stage-2 overrides that say where the Q-Former starts
@@ -52,10 +53,10 @@ class Arm:
 
 
 ARMS = (
-    Arm("stage 1 (ITC+ITM+ITG)", []),
-    Arm("no stage 1, MiniLM Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=weights/all-MiniLM-L6-v2"]),
-    Arm("no stage 1, random Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=null"]),
-    Arm("stage 1 without ITG", ["model.losses=[itc,itm]"], swept=False),
+    Arm("stage1", "stage 1 (ITC+ITM+ITG)", []),
+    Arm("minilm", "no stage 1, MiniLM Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=weights/all-MiniLM-L6-v2"]),
+    Arm("random", "no stage 1, random Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=null"]),
+    Arm("no-itg", "stage 1 without ITG", ["model.losses=[itc,itm]"], swept=False),
 )
 
 
@@ -131,18 +132,23 @@ def main() -> None:
     parser.add_argument("--seeds", type=parse_seed, nargs="+", default=[None],
                         help="stage-2 seeds (train.seed and data.seed) each setting runs with, r for the recipe's own; "
                              "the table shows their mean (default: r)")
+    parser.add_argument("--arms", nargs="+", choices=[arm.key for arm in ARMS], default=[arm.key for arm in ARMS],
+                        help="the arms to run (default: all)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for every stage-1 and stage-2 run, e.g. \"model.vision.extra_levels=[]\" "
+                             "(give each variant its own --out)")
     args = parser.parse_args()
     out = args.out.resolve()
-    common = [f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
+    common = [*args.set, f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
     if args.stage2_steps:
         common.append(f"train.steps={args.stage2_steps}")
     rows = []
-    for arm in ARMS:
+    for arm in (arm for arm in ARMS if arm.key in args.arms):
         stage1 = {}
         start = arm.stage2
         if arm.stage1 is not None:
             stage1_dir = out / f"stage1-{slug(arm.name)}"
-            stage1 = run("stage1.train", STAGE1_RECIPE, stage1_dir, arm.stage1)
+            stage1 = run("stage1.train", STAGE1_RECIPE, stage1_dir, [*arm.stage1, *args.set])
             start = [f"model.stage1_checkpoint={stage1_dir}"]
         for setting in args.sweep if arm.swept else [RECIPE]:
             label = RECIPE if setting == RECIPE else "{:g}@{}".format(*setting)

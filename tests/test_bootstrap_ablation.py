@@ -45,3 +45,25 @@ def test_table_shows_seed_means_and_each_arms_best_in_bold():
     assert "| stage 1 | recipe | **50.0%** | 40.0 / 60.0 |" in lines[2]
     assert "| stage 1 | 0.2@0 | 40.0% | 70.0 / 10.0 |" in lines[3], "best by the mean, not by one lucky seed"
     assert "80.0 / 90.0" in lines[2]
+
+
+def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatch):
+    """`--arms` runs only the arms named; `--set` overrides reach every stage-1 and stage-2 run."""
+    calls = []
+
+    def fake_run(module, recipe, output_dir, overrides):
+        calls.append((module, output_dir.name, overrides))
+        base = {"caption_attr_acc": 0.5, "caption_colour_acc": 0.5, "caption_shape_acc": 0.5, "caption_loss": 0.5,
+                "query_cosine": 0.5}
+        return {**base, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
+
+    monkeypatch.setattr(ablation, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1", "random",
+                                      "--sweep", "recipe", "0.2@0", "--set", "model.vision.extra_levels=[]"])
+    ablation.main()
+    modules = [module for module, _, _ in calls]
+    assert modules == ["stage1.train"] + ["stage2.train"] * 4, "one stage 1, two settings for each of two arms"
+    assert all("model.vision.extra_levels=[]" in overrides for _, _, overrides in calls)
+    assert not any("minilm" in name or "without" in name for _, name, _ in calls)
+    table = (tmp_path / "ablation.md").read_text()
+    assert "random Q-Former" in table and "MiniLM" not in table
