@@ -18,6 +18,7 @@ the stage-1 model's (the cosine also after stage 2); caption metrics are stage 2
 
     .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep recipe 0.05@0 0.2@0]
         [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...] [--arms stage1 random ...] [--set KEY=VALUE ...]
+        [--stage1-set KEY=VALUE ...]
 
 Each run lands in its own directory under `--out`; a run whose metrics.json exists is reused, so an
 interrupted ablation continues where it stopped. Writes `--out`/ablation.md and ablation.json.
@@ -137,6 +138,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for every stage-1 and stage-2 run, e.g. \"model.vision.extra_levels=[]\" "
                              "(give each variant its own --out)")
+    parser.add_argument("--stage1-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for the stage-1 runs only, e.g. train.optim.lr=1e-4")
     args = parser.parse_args()
     out = args.out.resolve()
     common = [*args.set, f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
@@ -148,7 +151,7 @@ def main() -> None:
         start = arm.stage2
         if arm.stage1 is not None:
             stage1_dir = out / f"stage1-{slug(arm.name)}"
-            stage1 = run("stage1.train", STAGE1_RECIPE, stage1_dir, [*arm.stage1, *args.set])
+            stage1 = run("stage1.train", STAGE1_RECIPE, stage1_dir, [*arm.stage1, *args.set, *args.stage1_set])
             start = [f"model.stage1_checkpoint={stage1_dir}"]
         for setting in args.sweep if arm.swept else [RECIPE]:
             label = RECIPE if setting == RECIPE else "{:g}@{}".format(*setting)

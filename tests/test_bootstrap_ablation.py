@@ -48,7 +48,8 @@ def test_table_shows_seed_means_and_each_arms_best_in_bold():
 
 
 def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatch):
-    """`--arms` runs only the arms named; `--set` overrides reach every stage-1 and stage-2 run."""
+    """`--arms` runs only the arms named; `--set` overrides reach every stage-1 and stage-2 run, `--stage1-set`
+    overrides the stage-1 runs alone."""
     calls = []
 
     def fake_run(module, recipe, output_dir, overrides):
@@ -59,11 +60,13 @@ def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatc
 
     monkeypatch.setattr(ablation, "run", fake_run)
     monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1", "random",
-                                      "--sweep", "recipe", "0.2@0", "--set", "model.vision.extra_levels=[]"])
+                                      "--sweep", "recipe", "0.2@0", "--set", "model.vision.extra_levels=[]",
+                                      "--stage1-set", "train.optim.lr=1e-4"])
     ablation.main()
     modules = [module for module, _, _ in calls]
     assert modules == ["stage1.train"] + ["stage2.train"] * 4, "one stage 1, two settings for each of two arms"
     assert all("model.vision.extra_levels=[]" in overrides for _, _, overrides in calls)
+    assert ["train.optim.lr=1e-4" in overrides for _, _, overrides in calls] == [True] + [False] * 4
     assert not any("minilm" in name or "without" in name for _, name, _ in calls)
     table = (tmp_path / "ablation.md").read_text()
     assert "random Q-Former" in table and "MiniLM" not in table
