@@ -8,9 +8,11 @@ stage 1 first and finds generation far worse without it. Here, with the demo rec
                                              (BERT weights, here MiniLM's) without stage 1
   no stage 1, random Q-Former -> stage 2     every weight drawn at random
   stage 1 without ITG         -> stage 2     ITG's share of the head start (the recipe's stage-2 setting only)
+  random Q-Former -> stage 1  -> stage 2     stage 1 from the random arm's start: the same init with and
+                                             without stage 1
 
-Every stage-2 run is the demo recipe with the same number of steps. The first three arms each get their own
-best Q-Former-side schedule from a small sweep (`--sweep`: `recipe` is the recipe's own per-module schedule;
+Every stage-2 run is the demo recipe with the same number of steps. Every arm but the one without ITG gets its
+own best Q-Former-side schedule from a small sweep (`--sweep`: `recipe` is the recipe's own per-module schedule;
 `SCALE@START` sets `train.optim.lr_scale` of the whole Q-Former side to SCALE times the stage-2 lr and
 `train.optim.start_step` to START), each setting run with every `--seeds` seed; the table shows every setting,
 its mean over the seeds and each arm's best in bold. Retrieval R@1/R@5 and the within-image query cosine are
@@ -18,7 +20,7 @@ the stage-1 model's (the cosine also after stage 2); caption metrics are stage 2
 
     .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep recipe 0.05@0 0.2@0]
         [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...] [--arms stage1 random ...] [--set KEY=VALUE ...]
-        [--stage1-set KEY=VALUE ...]
+        [--stage1-set KEY=VALUE ...] [--stage2-set KEY=VALUE ...]
 
 Each run lands in its own directory under `--out`; a run whose metrics.json exists is reused, so an
 interrupted ablation continues where it stopped. Writes `--out`/ablation.md and ablation.json.
@@ -58,6 +60,8 @@ ARMS = (
     Arm("minilm", "no stage 1, MiniLM Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=weights/all-MiniLM-L6-v2"]),
     Arm("random", "no stage 1, random Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=null"]),
     Arm("no-itg", "stage 1 without ITG", ["model.losses=[itc,itm]"], swept=False),
+    Arm("stage1-random", "stage 1 from a random Q-Former",
+        ["model.qformer.bert=null", "model.qformer.tokenizer=weights/all-MiniLM-L6-v2"]),
 )
 
 
@@ -140,9 +144,11 @@ def main() -> None:
                              "(give each variant its own --out)")
     parser.add_argument("--stage1-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for the stage-1 runs only, e.g. train.optim.lr=1e-4")
+    parser.add_argument("--stage2-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for the stage-2 runs only, e.g. model.projection_init=mean_token")
     args = parser.parse_args()
     out = args.out.resolve()
-    common = [*args.set, f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
+    common = [*args.set, *args.stage2_set, f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
     if args.stage2_steps:
         common.append(f"train.steps={args.stage2_steps}")
     rows = []

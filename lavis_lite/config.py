@@ -78,6 +78,9 @@ class ModelConfig:
     itm_batch_fraction: float = 1.0
     itg_batch_fraction: float = 1.0
     ln_vision_eps: float = 1e-5  # LAVIS's (beside the ViT's 1e-6); transformers uses the ViT's layer_norm_eps
+    # How the new Linear starts: `default` (nn.Linear's, as LAVIS's opt_proj / t5_proj), or `mean_token`: weight
+    # zero and bias the LLM's mean input embedding, so every soft prompt starts as one neutral token.
+    projection_init: str = "default"
     # Pairs whose cleaned captions are equal (the data's `sample_id`) are ITC positives of each other and never
     # ITM negatives. LAVIS's BLIP-2 pre-training counts only a pair itself (False): on web data, boilerplate
     # captions would make unrelated images positives.
@@ -119,6 +122,9 @@ class Stage2ModelConfig:
     # the built model: ln_vision, queries, the Q-Former's query side and opt_proj / t5_proj; None: none.
     lavis_checkpoint: Optional[str] = None
     ln_vision_eps: float = 1e-5  # LAVIS's (beside the ViT's 1e-6); transformers uses the ViT's layer_norm_eps
+    # How the new Linear starts: `default` (nn.Linear's, as LAVIS's opt_proj / t5_proj), or `mean_token`: weight
+    # zero and bias the LLM's mean input embedding, so every soft prompt starts as one neutral token.
+    projection_init: str = "default"
     prompt: str = ""  # prepended to every training caption and used by default in generation (BLIP-2 OPT: "a photo of")
     max_text_len: int = 32  # LLM tokens of prompt + caption
 

@@ -70,3 +70,22 @@ def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatc
     assert not any("minilm" in name or "without" in name for _, name, _ in calls)
     table = (tmp_path / "ablation.md").read_text()
     assert "random Q-Former" in table and "MiniLM" not in table
+
+
+def test_stage1_from_a_random_qformer_starts_without_bert_and_feeds_its_stage2(tmp_path, monkeypatch):
+    """The `stage1-random` arm: stage 1 from the random arm's start (no BERT weights, MiniLM's tokenizer), and
+    stage 2 from that stage-1 run, not from a random Q-Former."""
+    calls = []
+
+    def fake_run(module, recipe, output_dir, overrides):
+        calls.append((module, output_dir, overrides))
+        return {"caption_attr_acc": 0.5, "caption_colour_acc": 0.5, "caption_shape_acc": 0.5, "caption_loss": 0.5,
+                "query_cosine": 0.5, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
+
+    monkeypatch.setattr(ablation, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1-random",
+                                      "--sweep", "0.2@0"])
+    ablation.main()
+    (_, stage1_dir, stage1), (_, _, stage2) = calls
+    assert "model.qformer.bert=null" in stage1 and "model.qformer.tokenizer=weights/all-MiniLM-L6-v2" in stage1
+    assert f"model.stage1_checkpoint={stage1_dir}" in stage2 and "model.qformer.bert=null" not in stage2

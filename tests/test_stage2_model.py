@@ -9,7 +9,7 @@ import torch
 from tokenizers import processors
 
 from lavis_lite.checkpoint import save_checkpoint
-from lavis_lite.config import LanguageModelConfig
+from lavis_lite.config import ConfigError, LanguageModelConfig
 from lavis_lite.demo import assets
 from lavis_lite.models import llm as llm_module
 from lavis_lite.models.factory import create_stage2_model, load_stage1_weights
@@ -258,3 +258,19 @@ def test_the_lm_head_reads_contiguous_hidden_states(llm_dirs):
     batch = lm_inputs(model.tokenizer, False, PROMPTS, CAPTIONS, 24)
     reference = model(vision_tokens=torch.randn(3, 17, model.vision.width), **batch)
     assert seen == [True] and torch.isfinite(reference.loss)
+
+
+def test_mean_token_projection_starts_every_soft_prompt_as_the_llms_mean_embedding(llm_dirs):
+    """`projection_init=mean_token`: weight zero, bias the LLM's mean input embedding, whatever the images; the
+    default keeps nn.Linear's weights; an unknown name is a config error."""
+    torch.manual_seed(0)
+    model = create_stage2_model("tiny-stage2", [f"llm.path={llm_dirs['llama']}", "projection_init=mean_token"])
+    tokens = torch.randn(2, 17, model.vision.width)
+    prompts = model.soft_prompts(tokens).float()
+    mean = model.llm.get_input_embeddings().weight.float().mean(dim=0)
+    torch.testing.assert_close(prompts, mean.expand_as(prompts))
+    default = create_stage2_model("tiny-stage2", [f"llm.path={llm_dirs['llama']}"])
+    assert default.language_projection.weight.abs().sum() > 0
+    assert not torch.allclose(default.soft_prompts(tokens)[0], default.soft_prompts(tokens)[1])
+    with pytest.raises(ConfigError, match="projection_init='zeros' is not one of"):
+        create_stage2_model("tiny-stage2", [f"llm.path={llm_dirs['llama']}", "projection_init=zeros"])

@@ -15,12 +15,13 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lavis_lite.config import Stage2ModelConfig
+from lavis_lite.config import ConfigError, Stage2ModelConfig
 from lavis_lite.models.llm import padded_prompt_ids, stop_token_id
 from lavis_lite.models.losses import lm_loss
 from lavis_lite.models.qformer import QFormer
 from lavis_lite.models.vision import build_vision_encoder
 
+PROJECTION_INITS = ("default", "mean_token")  # Stage2ModelConfig.projection_init
 
 
 @dataclass
@@ -42,6 +43,14 @@ class Blip2Stage2(nn.Module):
         hidden = cfg.qformer.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_query_tokens, hidden) * 0.02)
         self.language_projection = nn.Linear(hidden, llm.get_input_embeddings().embedding_dim)
+        if cfg.projection_init not in PROJECTION_INITS:
+            raise ConfigError(f"projection_init='{cfg.projection_init}' is not one of {list(PROJECTION_INITS)}")
+        if cfg.projection_init == "mean_token":
+            # nn.Linear's random weights turn informative query outputs into a different noise prompt per image,
+            # which the frozen LLM reads before the Linear has learnt anything.
+            with torch.no_grad():
+                self.language_projection.weight.zero_()
+                self.language_projection.bias.copy_(llm.get_input_embeddings().weight.float().mean(dim=0))
         self.llm = llm
         self.tokenizer = tokenizer
         self.stop_token_id = stop_token_id(tokenizer, cfg.llm.stop_text)  # captions end with it; generation stops there
