@@ -106,17 +106,39 @@ def plain(value: object) -> object:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
+PLACES = ("train.output_dir", "model.stage1_checkpoint", "model.llm.cache_dir")  # may differ in a reused run
+
+
+def leaves(node: object, prefix: str = "") -> dict[str, object]:
+    """A plain mapping's dotted keys and their values (lists, and mappings keyed by dotted module names such as
+    `lr_scale`, are values)."""
+    if not isinstance(node, dict) or not node or any("." in str(key) for key in node):
+        return {prefix: node}
+    return {k: v for key, child in node.items() for k, v in leaves(child, f"{prefix}{key}.").items()}
+
+
+def wanted_settings(recipe: str, overrides: list[str]) -> dict[str, object]:
+    """Every setting a run of `recipe` with `overrides` has: the overrides, and the recipe's keys they leave."""
+    given = {}
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        given[key] = plain(OmegaConf.select(OmegaConf.from_dotlist([override]), key))
+    recipe_keys = {key.rstrip("."): value for key, value in leaves(plain(OmegaConf.load(ROOT / recipe))).items()}
+    kept = {key: value for key, value in recipe_keys.items() if not any(key == k or key.startswith(k + ".") for k in given)}
+    return {**kept, **given}
+
+
 def run(module: str, recipe: str, output_dir: Path, overrides: list[str]) -> dict:
-    """One training run (or its earlier result, which must have been run with the same settings); returns its
-    metrics.json. Where the stage-1 checkpoint and the LLM cache live may differ."""
+    """One training run (or its earlier result, which must have been run with the same settings: the recipe's as
+    it is now and the overrides); returns its metrics.json. Where the stage-1 checkpoint and the LLM cache live
+    may differ."""
     metrics = output_dir / "metrics.json"
     if metrics.is_file():
         saved = OmegaConf.load(resolve_checkpoint(output_dir) / CONFIG)
-        for override in overrides:
-            key = override.split("=", 1)[0]
-            if key in ("model.stage1_checkpoint", "model.llm.cache_dir") and OmegaConf.select(saved, key):
+        for key, wanted in wanted_settings(recipe, overrides).items():
+            had = plain(OmegaConf.select(saved, key))
+            if key in PLACES and (had is None) == (wanted is None):
                 continue
-            wanted, had = (plain(OmegaConf.select(c, key)) for c in (OmegaConf.from_dotlist([override]), saved))
             if had != wanted and not (had is None and wanted == {}):  # a mapping option newer than the run: {}
                 sys.exit(f"error: {output_dir} was run with {key}={had}, not {wanted}: move it away or give another --out")
     else:

@@ -89,3 +89,33 @@ def test_stage1_from_a_random_qformer_starts_without_bert_and_feeds_its_stage2(t
     (_, stage1_dir, stage1), (_, _, stage2) = calls
     assert "model.qformer.bert=null" in stage1 and "model.qformer.tokenizer=weights/all-MiniLM-L6-v2" in stage1
     assert f"model.stage1_checkpoint={stage1_dir}" in stage2 and "model.qformer.bert=null" not in stage2
+
+
+def test_a_reused_run_must_match_the_recipe_as_it_is_now(tmp_path, monkeypatch):
+    """A finished run is reused only if it had the overrides and every recipe setting they leave: a run made
+    before the recipe changed is refused by name; where its stage-1 checkpoint or LLM cache lived may differ."""
+    recipe = OmegaConf.to_container(OmegaConf.load(ROOT / ablation.STAGE2_RECIPE))
+    overrides = ["model.stage1_checkpoint=/elsewhere/stage1", "eval.max_images=0", "train.steps=300"]
+    run_dir = tmp_path / "stage2"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text('{"caption_attr_acc": 0.5}')
+    monkeypatch.setattr(ablation, "resolve_checkpoint", lambda path: path)
+
+    def saved(**changes):
+        config = OmegaConf.merge(recipe, OmegaConf.from_dotlist(
+            ["model.stage1_checkpoint=/here/stage1", "eval.max_images=0", "train.steps=300", "train.output_dir=x"]))
+        for key, value in changes.items():
+            OmegaConf.update(config, key, value)
+        OmegaConf.save(config, run_dir / ablation.CONFIG)
+
+    saved()
+    assert ablation.run("stage2.train", ablation.STAGE2_RECIPE, run_dir, overrides) == {"caption_attr_acc": 0.5}
+    saved(**{"model.projection_init": "default"})
+    with pytest.raises(SystemExit, match="was run with model.projection_init=default, not mean_token"):
+        ablation.run("stage2.train", ablation.STAGE2_RECIPE, run_dir, overrides)
+    saved(**{"train.steps": 600})
+    with pytest.raises(SystemExit, match="train.steps=600, not 300"):
+        ablation.run("stage2.train", ablation.STAGE2_RECIPE, run_dir, overrides)
+    saved(**{"model.stage1_checkpoint": None})
+    with pytest.raises(SystemExit, match="model.stage1_checkpoint=None"):
+        ablation.run("stage2.train", ablation.STAGE2_RECIPE, run_dir, overrides)
