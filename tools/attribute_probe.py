@@ -1,10 +1,13 @@
-"""Where are the objects' colours and shapes, and where are they lost? A linear probe on the demo's data.
+"""Where are the objects' colours and shapes, and where are they lost? Linear probes on the demo's data.
 
-For each colour and shape, one linear score per token (an encoder token or a query output), max-pooled over
-the tokens: "is there a red object anywhere", as the Q-Former's queries can read it. Fitted with Adam on the
-frozen features of N training images; reported on the held-out images as the share whose predicted colour
-set / shape set is exactly right. Each token is LayerNorm'ed first, as `ln_vision` does. Encoder tokens come
-from the recipe's feature cache (built once, as training builds it).
+Per token: for each colour and shape, one linear score per token (an encoder token or a query output),
+max-pooled over the tokens: "is there a red object anywhere", as one query can say it. Fitted with Adam on
+the frozen features of N training images. All tokens: a ridge regression from all of an image's tokens at
+once (flattened), what a reader of every token together (the LLM) can recover. Both are reported on the
+held-out images as the share whose predicted colour set / shape set is exactly right. Each token is
+LayerNorm'ed first, as `ln_vision` does. Encoder tokens come from the recipe's feature cache (built once, as
+training builds it). With `--checkpoint`, the query outputs of the same Q-Former drawn at random and of its
+BERT start without stage 1 are probed beside the trained ones: what stage 1 adds.
 
     python tools/attribute_probe.py --checkpoint runs/stage1-demo          # its query outputs and its encoder's tokens
     python tools/attribute_probe.py --config configs/stage1/demo.yaml \\
@@ -14,6 +17,7 @@ from the recipe's feature cache (built once, as training builds it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 
 import torch
@@ -23,7 +27,7 @@ from torch import Tensor
 from lavis_lite.checkpoint import CONFIG, resolve_checkpoint
 from lavis_lite.data.training_data import TrainingData
 from lavis_lite.demo.synthetic import COLOURS, SHAPES
-from lavis_lite.models.factory import load_stage1_checkpoint
+from lavis_lite.models.factory import create_model, load_stage1_checkpoint
 from lavis_lite.models.vision import build_vision_encoder
 from lavis_lite.stage1.config import load_stage1_config
 from lavis_lite.stage2.evaluate import named_objects
@@ -77,14 +81,46 @@ def _cached_tokens(cfg, encoder, count: int) -> tuple[tuple[Tensor, Tensor], lis
     return (tokens(train, count), tokens(held, len(held))), train.captions[:count], held.captions
 
 
+def ridge_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, ridge: float = 1e-2) -> tuple[float, float]:
+    """Exact-set accuracy of the colours and of the shapes from all tokens of an image at once; features
+    [N, tokens, C]. `ridge` is relative to the mean feature variance."""
+    train_x, test_x = (F.layer_norm(x.float(), x.shape[-1:]).flatten(1).double() for x in (train_x, test_x))
+    mean_x, mean_y = train_x.mean(0), train_y.double().mean(0)
+    centred, targets = train_x - mean_x, train_y.double() - mean_y
+    dims = centred.shape[1]
+    penalty = ridge * centred.square().sum() / dims
+    if dims <= len(centred):
+        weight = torch.linalg.solve(centred.T @ centred + penalty * torch.eye(dims, dtype=centred.dtype), centred.T @ targets)
+    else:  # wide features: the same solution from the images' Gram matrix
+        gram = centred @ centred.T + penalty * torch.eye(len(centred), dtype=centred.dtype)
+        weight = centred.T @ torch.linalg.solve(gram, targets)
+    said, true = (test_x - mean_x) @ weight + mean_y > 0.5, test_y.bool()
+    split = len(COLOUR_NAMES)
+    colour = (said[:, :split] == true[:, :split]).all(1).float().mean().item()
+    shape = (said[:, split:] == true[:, split:]).all(1).float().mean().item()
+    return colour, shape
+
+
 @torch.no_grad()
 def checkpoint_features(path: str, count: int) -> tuple[dict[str, tuple[Tensor, Tensor]], list[str], list[str]]:
-    """(train, held-out) features of a stage-1 run: its encoder's tokens and its query outputs."""
+    """(train, held-out) features of a stage-1 run: its encoder's tokens, its query outputs, and the query
+    outputs of the same Q-Former drawn at random and (where the recipe starts from BERT) of that start."""
     model, _ = load_stage1_checkpoint(path)
     cfg = load_stage1_config(resolve_checkpoint(path) / CONFIG)
     tokens, train_captions, held_captions = _cached_tokens(cfg, model.vision, count)
-    queries = tuple(model.image_features(model.ln_vision(t))[0] for t in tokens)
-    return {"encoder tokens": tokens, "query outputs": queries}, train_captions, held_captions
+    untrained = {"query outputs, random Q-Former": dataclasses.replace(cfg.model.qformer, bert=None)}
+    if cfg.model.qformer.bert:
+        untrained["query outputs, BERT start, no stage 1"] = cfg.model.qformer
+    models = {"query outputs": model}
+    for name, qformer in untrained.items():
+        torch.manual_seed(0)
+        models[name] = create_model(dataclasses.replace(cfg.model, qformer=qformer))[0].eval()
+    features = {"encoder tokens": tokens}
+    for name, m in models.items():
+        features[name] = tuple(
+            torch.cat([m.image_features(m.ln_vision(t[s : s + 500]))[0] for s in range(0, len(t), 500)]) for t in tokens
+        )
+    return features, train_captions, held_captions
 
 
 @torch.no_grad()
@@ -115,11 +151,12 @@ def main() -> None:
                 args.config, shlex.split(variant), args.train
             )
     train_y, held_y = presence(train_captions), presence(held_captions)
-    print(f"linear probe (max over tokens), {args.train} training / {len(held_y)} held-out images: "
-          "exact colour set, exact shape set")
+    print(f"linear probes, {args.train} training / {len(held_y)} held-out images: exact colour set, exact shape set")
+    print(f"  {'':40s} {'per token (max)':>16s} {'all tokens (ridge)':>19s}")
     for name, (train_x, held_x) in features.items():
         colour, shape = probe(train_x, train_y, held_x, held_y)
-        print(f"  {name:40s} {100 * colour:5.1f}%  {100 * shape:5.1f}%")
+        all_colour, all_shape = ridge_probe(train_x, train_y, held_x, held_y)
+        print(f"  {name:40s} {100 * colour:6.1f}% {100 * shape:6.1f}%  {100 * all_colour:7.1f}% {100 * all_shape:6.1f}%")
 
 
 if __name__ == "__main__":
