@@ -82,6 +82,8 @@ demo: demo-assets
 
 # BLIP-2's bootstrapping ablation on the embedded default (benchmarks/bootstrap_ablation.py): stage 2 from the
 # stage-1 demo, from no stage 1 (MiniLM or random Q-Former), each with a small sweep of the Q-Former side's
-# learning rate and start step, and from stage 1 without ITG. ARGS="--eval-images 300" scores 300 images.
+# learning rate and start step, from stage 1 without ITG, from stage 1 with MiniLM's self-attention at full weight
+# and from stage 1 of a random Q-Former. ARGS="--eval-images 300" scores 300 images; ARGS="--seeds r 1 2" runs
+# each pipeline three times.
 ablation: demo-assets
 	$(RUN_ENV) $(PY) benchmarks/bootstrap_ablation.py $(ARGS)

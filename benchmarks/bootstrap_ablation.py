@@ -4,23 +4,26 @@ The paper (section 5, "effect of vision-language representation learning") train
 stage 1 first and finds generation far worse without it. Here, with the demo recipes and nothing else changed:
 
   stage 1 (ITC + ITM + ITG)   -> stage 2     the demo
-  no stage 1, MiniLM Q-Former -> stage 2     the paper's "without representation learning": the same start
-                                             (BERT weights, here MiniLM's) without stage 1
   no stage 1, random Q-Former -> stage 2     every weight drawn at random
+  no stage 1, MiniLM Q-Former -> stage 2     the paper's "without representation learning": stage 1's start
+                                             (MiniLM's BERT weights as the recipe scales them) without stage 1
   stage 1 without ITG         -> stage 2     ITG's share of the head start (the recipe's stage-2 setting only)
-  random Q-Former -> stage 1  -> stage 2     stage 1 from the random arm's start: the same init with and
-                                             without stage 1
+  stage 1 from MiniLM, self-attention at full weight -> stage 2
+                                             the queries merge in the first steps and, for most seeds, stay so
+  random Q-Former -> stage 1  -> stage 2     stage 1 without BERT weights: the same init with and without stage 1
 
 Every stage-2 run is the demo recipe with the same number of steps. Every arm but the one without ITG gets its
 own best Q-Former-side schedule from a small sweep (`--sweep`: `recipe` is the recipe's own per-module schedule;
 `SCALE@START` sets `train.optim.lr_scale` of the whole Q-Former side to SCALE times the stage-2 lr and
-`train.optim.start_step` to START), each setting run with every `--seeds` seed; the table shows every setting,
-its mean over the seeds and each arm's best in bold. Retrieval R@1/R@5 and the within-image query cosine are
-the stage-1 model's (the cosine also after stage 2); caption metrics are stage 2's, all on the held-out split.
+`train.optim.start_step` to START). A seed is a whole pipeline: with `--seeds r 1 2` each arm's stage 1 runs
+three times (`train.seed`, `data.seed`) and each stage-2 setting once from each of them with the same seed; the
+table shows every setting, its mean over the seeds and each arm's best in bold. Retrieval R@1/R@5 (mean over
+the seeds) and the within-image query cosine (per seed) are the stage-1 models'; caption metrics are stage 2's,
+all on the held-out split.
 
     .venv/bin/python benchmarks/bootstrap_ablation.py [--out runs/ablation] [--sweep recipe 0.05@0 0.2@0]
-        [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...] [--arms stage1 random ...] [--set KEY=VALUE ...]
-        [--stage1-set KEY=VALUE ...] [--stage2-set KEY=VALUE ...]
+        [--eval-images N] [--stage2-steps N] [--seeds r 1 2 ...] [--sweep-seeds r ...] [--arms stage1 random ...]
+        [--set KEY=VALUE ...] [--stage1-set KEY=VALUE ...] [--stage2-set KEY=VALUE ...]
 
 Each run lands in its own directory under `--out`; a run whose metrics.json exists is reused, so an
 interrupted ablation continues where it stopped. Writes `--out`/ablation.md and ablation.json.
@@ -55,11 +58,19 @@ class Arm:
     swept: bool = True  # False: the recipe's stage-2 setting only
 
 
+def recipe_bert_start() -> list[str]:
+    """The stage-1 recipe's BERT start as overrides, for a Q-Former that skips stage 1 but starts where it does."""
+    qformer = OmegaConf.load(ROOT / STAGE1_RECIPE).model.qformer
+    return [f"model.qformer.{key}={qformer[key]}" for key in ("bert", "bert_self_attention_scale")]
+
+
 ARMS = (
     Arm("stage1", "stage 1 (ITC+ITM+ITG)", []),
-    Arm("minilm", "no stage 1, MiniLM Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=weights/all-MiniLM-L6-v2"]),
     Arm("random", "no stage 1, random Q-Former", None, ["model.stage1_checkpoint=null", "model.qformer.bert=null"]),
+    Arm("minilm", "no stage 1, MiniLM Q-Former", None, ["model.stage1_checkpoint=null", *recipe_bert_start()]),
     Arm("no-itg", "stage 1 without ITG", ["model.losses=[itc,itm]"], swept=False),
+    Arm("stage1-full-attention", "stage 1 from MiniLM, self-attention at full weight",
+        ["model.qformer.bert_self_attention_scale=1.0"]),
     Arm("stage1-random", "stage 1 from a random Q-Former",
         ["model.qformer.bert=null", "model.qformer.tokenizer=weights/all-MiniLM-L6-v2"]),
 )
@@ -157,8 +168,10 @@ def main() -> None:
     parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 recipe's train.steps")
     parser.add_argument("--eval-images", type=int, default=0, help="held-out images captioned (0: all)")
     parser.add_argument("--seeds", type=parse_seed, nargs="+", default=[None],
-                        help="stage-2 seeds (train.seed and data.seed) each setting runs with, r for the recipe's own; "
-                             "the table shows their mean (default: r)")
+                        help="seeds (train.seed and data.seed of both stages), r for the recipes' own: each arm's "
+                             "stage 1 and each stage-2 setting run once per seed; the table shows their mean (default: r)")
+    parser.add_argument("--sweep-seeds", type=parse_seed, nargs="+", default=None,
+                        help="the seeds of the sweep's settings other than recipe (default: --seeds), e.g. r")
     parser.add_argument("--arms", nargs="+", choices=[arm.key for arm in ARMS], default=[arm.key for arm in ARMS],
                         help="the arms to run (default: all)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -169,35 +182,49 @@ def main() -> None:
     parser.add_argument("--stage2-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="overrides for the stage-2 runs only, e.g. model.projection_init=mean_token")
     args = parser.parse_args()
+    if args.sweep_seeds is None:
+        args.sweep_seeds = args.seeds
+    elif not set(args.sweep_seeds) <= set(args.seeds):
+        parser.error("--sweep-seeds must be seeds of --seeds: the sweep's stage-2 runs start from their stage-1 runs")
     out = args.out.resolve()
     common = [*args.set, *args.stage2_set, f"eval.max_images={args.eval_images}", f"model.llm.cache_dir={out / 'llm'}"]
     if args.stage2_steps:
         common.append(f"train.steps={args.stage2_steps}")
     rows = []
     for arm in (arm for arm in ARMS if arm.key in args.arms):
-        stage1 = {}
-        start = arm.stage2
-        if arm.stage1 is not None:
-            stage1_dir = out / f"stage1-{slug(arm.name)}"
-            stage1 = run("stage1.train", STAGE1_RECIPE, stage1_dir, [*arm.stage1, *args.set, *args.stage1_set])
-            start = [f"model.stage1_checkpoint={stage1_dir}"]
+        stage1_runs, stage1_dirs = [], {}
+        for seed in args.seeds if arm.stage1 is not None else []:
+            stage1_dirs[seed] = out / (f"stage1-{slug(arm.name)}" + seed_suffix(seed))
+            stage1_runs.append(run("stage1.train", STAGE1_RECIPE, stage1_dirs[seed],
+                                   [*arm.stage1, *seed_overrides(seed), *args.set, *args.stage1_set]))
         for setting in args.sweep if arm.swept else [RECIPE]:
             label = RECIPE if setting == RECIPE else "{:g}@{}".format(*setting)
             runs = []
-            for seed in args.seeds:
-                stage2_dir = out / (f"stage2-{slug(arm.name)}-{slug(label)}" + ("" if seed is None else f"-seed{seed}"))
-                seeds = [] if seed is None else [f"train.seed={seed}", f"data.seed={seed}"]
-                runs.append(run("stage2.train", STAGE2_RECIPE, stage2_dir, [*start, *setting_overrides(setting), *seeds, *common]))
-            rows.append({"arm": arm.name, "qformer_schedule": label, "stage1": stage1, "stage2": mean_metrics(runs),
-                         "stage2_runs": runs})
+            for seed in args.seeds if setting == RECIPE else args.sweep_seeds:
+                start = arm.stage2 if arm.stage1 is None else [f"model.stage1_checkpoint={stage1_dirs[seed]}"]
+                stage2_dir = out / (f"stage2-{slug(arm.name)}-{slug(label)}" + seed_suffix(seed))
+                runs.append(run("stage2.train", STAGE2_RECIPE, stage2_dir,
+                                [*start, *setting_overrides(setting), *seed_overrides(seed), *common]))
+            rows.append({"arm": arm.name, "qformer_schedule": label, "stage1": mean_metrics(stage1_runs),
+                         "stage1_runs": stage1_runs, "stage2": mean_metrics(runs), "stage2_runs": runs})
     table = render(rows)
     (out / "ablation.md").write_text(table + "\n")
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
 
 
+def seed_suffix(seed: int | None) -> str:
+    return "" if seed is None else f"-seed{seed}"
+
+
+def seed_overrides(seed: int | None) -> list[str]:
+    return [] if seed is None else [f"train.seed={seed}", f"data.seed={seed}"]
+
+
 def mean_metrics(runs: list[dict]) -> dict:
-    """The stage-2 metrics averaged over seeds (the numeric ones)."""
+    """A stage's metrics averaged over seeds (the numeric ones; {} for no runs)."""
+    if not runs:
+        return {}
     return {key: sum(r[key] for r in runs) / len(runs) for key, value in runs[0].items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
@@ -210,14 +237,14 @@ def render(rows: list[dict]) -> str:
             best[row["arm"]] = row
     lines = [
         "| start of stage 2 | Q-Former lr (x stage-2 lr) @ start step | attribute accuracy | per seed | colours | shapes "
-        "| held-out caption loss | stage-1 R@1 t2i / i2t | stage-1 R@5 t2i / i2t | query cosine after stage 1 / stage 2 |",
+        "| held-out caption loss | stage-1 R@1 t2i / i2t | stage-1 R@5 t2i / i2t | query cosine after stage 1 (per seed) / stage 2 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         s1, s2 = row["stage1"], row["stage2"]
         mark = "**" if best[row["arm"]] is row else ""
         retrieval = [f"{100 * s1[f't2i_r{k}']:.1f} / {100 * s1[f'i2t_r{k}']:.1f}" if s1 else "-" for k in (1, 5)]
-        cosine = (f"{s1['query_cosine']:.3f}" if s1 else "-") + f" / {s2['query_cosine']:.3f}"
+        cosine = (", ".join(f"{r['query_cosine']:.3f}" for r in row["stage1_runs"]) if s1 else "-") + f" / {s2['query_cosine']:.3f}"
         seeds = " / ".join(f"{100 * r['caption_attr_acc']:.1f}" for r in row["stage2_runs"])
         lines.append(
             f"| {row['arm']} | {row['qformer_schedule']} "

@@ -5,6 +5,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from lavis_lite import create_model
+from lavis_lite.config import ConfigError
 from lavis_lite.models.factory import create_stage2_model
 from conftest import BERT_SPECIAL, redraw_, save_bert_tokenizer, tiny_config
 from tiny_llm import save_tiny_llm
@@ -42,6 +43,23 @@ def test_qformer_text_pass_equals_bert(bert_dir):
     for layer in model.qformer.layers:
         for a, b in zip(layer.ffn_query.parameters(), layer.ffn_text.parameters()):
             assert torch.equal(a, b), "query FFN starts as a copy of the text FFN"
+
+
+def test_self_attention_scale_multiplies_berts_output_projections_only(bert_dir):
+    """`qformer.bert_self_attention_scale` multiplies each self-attention output projection's weights taken from BERT
+    and leaves every other weight as BERT's; it must be positive."""
+    common = (f"qformer.bert={bert_dir}", "qformer.vocab_size=18")
+    torch.manual_seed(0)  # the same draw for the weights BERT does not give
+    as_is, _ = create_model(tiny_config(*common))
+    torch.manual_seed(0)
+    scaled, _ = create_model(tiny_config(*common, "qformer.bert_self_attention_scale=0.5"))
+    theirs = as_is.qformer.state_dict()
+    assert sum(name.endswith("self_attn.out.weight") for name in theirs) == 4
+    for name, weight in scaled.qformer.state_dict().items():
+        expected = theirs[name] * 0.5 if name.endswith("self_attn.out.weight") else theirs[name]
+        torch.testing.assert_close(weight, expected, atol=0, rtol=0, msg=name)
+    with pytest.raises(ConfigError, match="bert_self_attention_scale=0.0 must be above 0"):
+        create_model(tiny_config(*common, "qformer.bert_self_attention_scale=0"))
 
 
 def test_stage2_without_stage1_starts_from_the_same_bert(bert_dir, tmp_path):

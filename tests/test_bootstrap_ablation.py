@@ -38,13 +38,14 @@ def test_table_shows_seed_means_and_each_arms_best_in_bold():
     rows = []
     for label, accs in (("recipe", [0.4, 0.6]), ("0.2@0", [0.7, 0.1])):
         runs = [metrics(a) for a in accs]
-        rows.append({"arm": "stage 1", "qformer_schedule": label, "stage1": stage1,
+        rows.append({"arm": "stage 1", "qformer_schedule": label, "stage1": stage1, "stage1_runs": [stage1, stage1],
                      "stage2": ablation.mean_metrics(runs), "stage2_runs": runs})
     assert rows[0]["stage2"]["caption_attr_acc"] == pytest.approx(0.5) and "caption_examples" not in rows[0]["stage2"]
     lines = ablation.render(rows).splitlines()
     assert "| stage 1 | recipe | **50.0%** | 40.0 / 60.0 |" in lines[2]
     assert "| stage 1 | 0.2@0 | 40.0% | 70.0 / 10.0 |" in lines[3], "best by the mean, not by one lucky seed"
     assert "80.0 / 90.0" in lines[2]
+    assert lines[2].endswith("| 0.750, 0.750 / 0.500 |"), "each stage-1 seed's query cosine, then stage 2's mean"
 
 
 def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatch):
@@ -72,23 +73,62 @@ def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatc
     assert "random Q-Former" in table and "MiniLM" not in table
 
 
-def test_stage1_from_a_random_qformer_starts_without_bert_and_feeds_its_stage2(tmp_path, monkeypatch):
-    """The `stage1-random` arm: stage 1 from the random arm's start (no BERT weights, MiniLM's tokenizer), and
-    stage 2 from that stage-1 run, not from a random Q-Former."""
+def fake_metrics() -> dict:
+    return {"caption_attr_acc": 0.5, "caption_colour_acc": 0.5, "caption_shape_acc": 0.5, "caption_loss": 0.5,
+            "query_cosine": 0.5, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
+
+
+def test_stage1_variants_and_the_minilm_arm_start_where_they_say(tmp_path, monkeypatch):
+    """`stage1-full-attention` runs stage 1 from BERT's self-attention as it is and `stage1-random` from no BERT
+    weights, each stage 2 from its own stage-1 run; `minilm` starts stage 2 from the stage-1 recipe's BERT start."""
+    calls = []
+    monkeypatch.setattr(ablation, "run", lambda *call: calls.append(call[:2] + call[3:]) or fake_metrics())
+    monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1-full-attention",
+                                      "stage1-random", "minilm", "--sweep", "0.2@0"])
+    ablation.main()
+    (_, _, minilm), (_, _, full), (_, _, full2), (_, _, random), (_, _, random2) = calls  # in the order of ARMS
+    out = tmp_path.resolve()
+    assert "model.qformer.bert_self_attention_scale=1.0" in full
+    assert f"model.stage1_checkpoint={out / 'stage1-stage-1-from-minilm-self-attention-at-full-weight'}" in full2
+    assert "model.qformer.bert=null" in random and "model.qformer.tokenizer=weights/all-MiniLM-L6-v2" in random
+    assert f"model.stage1_checkpoint={out / 'stage1-stage-1-from-a-random-q-former'}" in random2
+    assert not any("qformer.bert" in o for o in full2 + random2), "stage 2 takes its Q-Former from stage 1"
+    recipe = OmegaConf.load(ROOT / ablation.STAGE1_RECIPE).model.qformer
+    assert f"model.qformer.bert={recipe.bert}" in minilm and "model.stage1_checkpoint=null" in minilm
+    assert f"model.qformer.bert_self_attention_scale={recipe.bert_self_attention_scale}" in minilm
+
+
+def test_a_seed_is_a_whole_pipeline(tmp_path, monkeypatch):
+    """With --seeds each arm's stage 1 runs once per seed and each stage 2 starts from the stage 1 of its own seed;
+    --sweep-seeds runs the sweep's other settings with fewer seeds."""
     calls = []
 
     def fake_run(module, recipe, output_dir, overrides):
-        calls.append((module, output_dir, overrides))
-        return {"caption_attr_acc": 0.5, "caption_colour_acc": 0.5, "caption_shape_acc": 0.5, "caption_loss": 0.5,
-                "query_cosine": 0.5, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
+        calls.append((module, output_dir.name, overrides))
+        return fake_metrics()
 
     monkeypatch.setattr(ablation, "run", fake_run)
-    monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1-random",
-                                      "--sweep", "0.2@0"])
+    monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1", "random",
+                                      "--sweep", "recipe", "0.2@0", "--seeds", "r", "1", "--sweep-seeds", "1"])
     ablation.main()
-    (_, stage1_dir, stage1), (_, _, stage2) = calls
-    assert "model.qformer.bert=null" in stage1 and "model.qformer.tokenizer=weights/all-MiniLM-L6-v2" in stage1
-    assert f"model.stage1_checkpoint={stage1_dir}" in stage2 and "model.qformer.bert=null" not in stage2
+    names = [name for _, name, _ in calls]
+    assert names == [
+        "stage1-stage-1-itc-itm-itg", "stage1-stage-1-itc-itm-itg-seed1",
+        "stage2-stage-1-itc-itm-itg-recipe", "stage2-stage-1-itc-itm-itg-recipe-seed1",
+        "stage2-stage-1-itc-itm-itg-0-2-0-seed1",
+        "stage2-no-stage-1-random-q-former-recipe", "stage2-no-stage-1-random-q-former-recipe-seed1",
+        "stage2-no-stage-1-random-q-former-0-2-0-seed1",
+    ]
+    by_name = {name: overrides for _, name, overrides in calls}
+    assert "train.seed=1" in by_name["stage1-stage-1-itc-itm-itg-seed1"]
+    assert not any("seed" in o for o in by_name["stage1-stage-1-itc-itm-itg"]), "r: the recipe's own seeds"
+    stage1_seed1 = tmp_path.resolve() / "stage1-stage-1-itc-itm-itg-seed1"
+    for name in ("stage2-stage-1-itc-itm-itg-recipe-seed1", "stage2-stage-1-itc-itm-itg-0-2-0-seed1"):
+        assert f"model.stage1_checkpoint={stage1_seed1}" in by_name[name] and "data.seed=1" in by_name[name]
+    monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--seeds", "r", "--sweep-seeds", "2"])
+    with pytest.raises(SystemExit) as stop:
+        ablation.main()
+    assert stop.value.code == 2
 
 
 def test_a_reused_run_must_match_the_recipe_as_it_is_now(tmp_path, monkeypatch):

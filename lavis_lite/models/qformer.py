@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lavis_lite.checkpoint import read_state_dict
-from lavis_lite.config import QFormerConfig
+from lavis_lite.config import ConfigError, QFormerConfig
 from lavis_lite.errors import MissingFileError
 
 KeyValue = tuple[Tensor, Tensor]
@@ -26,7 +26,7 @@ def resolve_attn_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "sdpa" if device.type == "cuda" else "eager"
     if impl not in ("sdpa", "eager"):
-        raise ValueError(f"qformer.attn_impl='{impl}' is not one of auto, sdpa, eager")
+        raise ConfigError(f"qformer.attn_impl='{impl}' is not one of auto, sdpa, eager")
     return impl
 
 
@@ -244,7 +244,11 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
     BERT; each query FFN starts as a copy of its layer's text FFN; cross-attention
     and rows added to the vocabulary (e.g. `[DEC]`) keep their random init. A query-only
     Q-Former (`with_text=False`, stage 2) takes the same weights less the text side.
+    The self-attention output projections' weights are multiplied by `qformer.bert_self_attention_scale`.
     """
+    scale = qformer.cfg.bert_self_attention_scale
+    if not scale > 0:
+        raise ConfigError(f"qformer.bert_self_attention_scale={scale} must be above 0 (1.0: BERT's weights as they are)")
     bert_dir = Path(bert_dir)
     config_file = bert_dir / "config.json"
     if not config_file.is_file():
@@ -256,7 +260,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
         if theirs in bert_cfg and bert_cfg[theirs] != getattr(qformer.cfg, ours)
     ]
     if mismatched:
-        raise ValueError("Q-Former config does not match its BERT checkpoint: " + "; ".join(mismatched))
+        raise ConfigError("Q-Former config does not match its BERT checkpoint: " + "; ".join(mismatched))
     weights = next((bert_dir / n for n in ("model.safetensors", "pytorch_model.bin") if (bert_dir / n).is_file()), None)
     if weights is None:
         raise MissingFileError(f"qformer.bert={bert_dir} holds no model.safetensors or pytorch_model.bin")
@@ -269,7 +273,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
 
     word = take("embeddings.word_embeddings.weight")
     if word.shape[0] > qformer.cfg.vocab_size:
-        raise ValueError(f"qformer.vocab_size={qformer.cfg.vocab_size} is smaller than {bert_dir}'s {word.shape[0]} tokens")
+        raise ConfigError(f"qformer.vocab_size={qformer.cfg.vocab_size} is smaller than {bert_dir}'s {word.shape[0]} tokens")
     with torch.no_grad():
         emb = qformer.embeddings
         if emb.word is not None:
@@ -285,7 +289,7 @@ def load_bert_weights(qformer: QFormer, bert_dir: str | Path) -> None:
             attn = layer.self_attn
             attn.qkv.weight.copy_(torch.cat([take(p + f"attention.self.{n}.weight") for n in ("query", "key", "value")]))
             attn.qkv.bias.copy_(torch.cat([take(p + f"attention.self.{n}.bias") for n in ("query", "key", "value")]))
-            attn.out.weight.copy_(take(p + "attention.output.dense.weight"))
+            attn.out.weight.copy_(take(p + "attention.output.dense.weight") * scale)
             attn.out.bias.copy_(take(p + "attention.output.dense.bias"))
             attn.norm.weight.copy_(take(p + "attention.output.LayerNorm.weight"))
             attn.norm.bias.copy_(take(p + "attention.output.LayerNorm.bias"))
