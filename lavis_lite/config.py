@@ -47,8 +47,8 @@ class QFormerConfig:
     tokenizer: Optional[str] = None  # local tokenizer directory; defaults to `bert`
     # Multiplies the self-attention output projections' weights taken from `bert` (1.0: BERT's own). A
     # sentence-embedding start such as all-MiniLM-L6-v2 was trained to pull a sentence's tokens onto one vector;
-    # the queries, which see only each other in the image pass, then start merged and stay merged. Below 1.0 each
-    # layer mixes less of the other tokens into a token until training grows it back.
+    # the queries, which see only each other in the image pass, then start nearly merged and, for some seeds, never
+    # part. Below 1.0 each layer mixes less of the other tokens into a token until training grows it back.
     bert_self_attention_scale: float = 1.0
     hidden_size: int = 768
     num_layers: int = 12

@@ -48,18 +48,23 @@ def test_table_shows_seed_means_and_each_arms_best_in_bold():
     assert lines[2].endswith("| 0.750, 0.750 / 0.500 |"), "each stage-1 seed's query cosine, then stage 2's mean"
 
 
-def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatch):
-    """`--arms` runs only the arms named; `--set` overrides reach every stage-1 and stage-2 run, `--stage1-set`
-    overrides the stage-1 runs alone."""
+def record_runs(monkeypatch) -> list[tuple[str, str, list[str]]]:
+    """Replaces the ablation's runs with a recorder of (module, run directory name, overrides)."""
     calls = []
 
     def fake_run(module, recipe, output_dir, overrides):
         calls.append((module, output_dir.name, overrides))
-        base = {"caption_attr_acc": 0.5, "caption_colour_acc": 0.5, "caption_shape_acc": 0.5, "caption_loss": 0.5,
-                "query_cosine": 0.5}
-        return {**base, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
+        return {"caption_attr_acc": 0.5, "caption_colour_acc": 0.5, "caption_shape_acc": 0.5, "caption_loss": 0.5,
+                "query_cosine": 0.5, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
 
     monkeypatch.setattr(ablation, "run", fake_run)
+    return calls
+
+
+def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatch):
+    """`--arms` runs only the arms named; `--set` overrides reach every stage-1 and stage-2 run, `--stage1-set`
+    overrides the stage-1 runs alone."""
+    calls = record_runs(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1", "random",
                                       "--sweep", "recipe", "0.2@0", "--set", "model.vision.extra_levels=[]",
                                       "--stage1-set", "train.optim.lr=1e-4"])
@@ -73,16 +78,10 @@ def test_arms_and_set_choose_the_runs_and_reach_both_stages(tmp_path, monkeypatc
     assert "random Q-Former" in table and "MiniLM" not in table
 
 
-def fake_metrics() -> dict:
-    return {"caption_attr_acc": 0.5, "caption_colour_acc": 0.5, "caption_shape_acc": 0.5, "caption_loss": 0.5,
-            "query_cosine": 0.5, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
-
-
 def test_stage1_variants_and_the_minilm_arm_start_where_they_say(tmp_path, monkeypatch):
     """`stage1-full-attention` runs stage 1 from BERT's self-attention as it is and `stage1-random` from no BERT
     weights, each stage 2 from its own stage-1 run; `minilm` starts stage 2 from the stage-1 recipe's BERT start."""
-    calls = []
-    monkeypatch.setattr(ablation, "run", lambda *call: calls.append(call[:2] + call[3:]) or fake_metrics())
+    calls = record_runs(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1-full-attention",
                                       "stage1-random", "minilm", "--sweep", "0.2@0"])
     ablation.main()
@@ -101,13 +100,7 @@ def test_stage1_variants_and_the_minilm_arm_start_where_they_say(tmp_path, monke
 def test_a_seed_is_a_whole_pipeline(tmp_path, monkeypatch):
     """With --seeds each arm's stage 1 runs once per seed and each stage 2 starts from the stage 1 of its own seed;
     --sweep-seeds runs the sweep's other settings with fewer seeds."""
-    calls = []
-
-    def fake_run(module, recipe, output_dir, overrides):
-        calls.append((module, output_dir.name, overrides))
-        return fake_metrics()
-
-    monkeypatch.setattr(ablation, "run", fake_run)
+    calls = record_runs(monkeypatch)
     monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "stage1", "random",
                                       "--sweep", "recipe", "0.2@0", "--seeds", "r", "1", "--sweep-seeds", "1"])
     ablation.main()
