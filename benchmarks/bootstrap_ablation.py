@@ -15,7 +15,8 @@ stage 1 first and finds generation far worse without it. Here, with the demo rec
 Every stage-2 run is the demo recipe with the same number of steps. Every arm but the one without ITG gets its
 own best Q-Former-side schedule from a small sweep (`--sweep`: `recipe` is the recipe's own per-module schedule;
 `SCALE@START` sets `train.optim.lr_scale` of the whole Q-Former side to SCALE times the stage-2 lr and
-`train.optim.start_step` to START). A seed is a whole pipeline: with `--seeds r 1 2` each arm's stage 1 runs
+`train.optim.start_step` to START; a suffix `:L` sets the Linear's weight to L times the stage-2 lr instead of
+the recipe's scale, e.g. `recipe:1`). A seed is a whole pipeline: with `--seeds r 1 2` each arm's stage 1 runs
 three times (`train.seed`, `data.seed`) and each stage-2 setting once from each of them with the same seed; the
 table shows every setting, its mean over the seeds and each arm's best in bold. Retrieval R@1/R@5 (mean over
 the seeds) and the within-image query cosine (per seed) are the stage-1 models'; caption metrics are stage 2's,
@@ -41,12 +42,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lavis_lite.checkpoint import CONFIG, checkpoints, resolve_checkpoint
+from lavis_lite.training.train_loop import _under
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1_RECIPE = "configs/stage1/demo.yaml"
 STAGE2_RECIPE = "configs/stage2/demo.yaml"
 STAGE1_PARTS = ("qformer", "query_tokens", "ln_vision")
 RECIPE = "recipe"  # the sweep setting that keeps the recipe's own lr_scale / start_step
+LINEAR_WEIGHT = "language_projection.weight"
 
 
 @dataclass
@@ -80,15 +83,28 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
-def parse_setting(text: str) -> tuple[float, int] | str:
-    """`recipe`, or `SCALE@START` (or `SCALE`, START 0) -> (lr scale of the Q-Former side, its start step)."""
-    if text == RECIPE:
-        return RECIPE
-    scale, _, start = text.partition("@")
+@dataclass(frozen=True)
+class Setting:
+    """A stage-2 sweep setting: the Q-Former side's schedule and, if given, the Linear's weight lr scale."""
+
+    schedule: str | tuple[float, int]  # RECIPE, or (lr scale of the Q-Former side, its start step)
+    linear: float | None = None  # None: the recipe's
+
+    @property
+    def label(self) -> str:
+        label = RECIPE if self.schedule == RECIPE else "{:g}@{}".format(*self.schedule)
+        return label if self.linear is None else f"{label}:{self.linear:g}"
+
+
+def parse_setting(text: str) -> Setting:
+    """`recipe` or `SCALE@START` (or `SCALE`, START 0), each optionally `:L` (the Linear's weight at L x lr)."""
+    schedule, _, linear = text.partition(":")
+    scale, _, start = schedule.partition("@")
     try:
-        return float(scale), int(start or 0)
+        return Setting(RECIPE if schedule == RECIPE else (float(scale), int(start or 0)), float(linear) if linear else None)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad sweep setting {text!r}: write {RECIPE} or SCALE@START, e.g. 0.05@150") from None
+        raise argparse.ArgumentTypeError(f"bad sweep setting {text!r}: write {RECIPE} or SCALE@START, e.g. 0.05@150, "
+                                         f"optionally with :L, e.g. {RECIPE}:1") from None
 
 
 def parse_seed(text: str) -> int | None:
@@ -101,15 +117,19 @@ def parse_seed(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"bad seed {text!r}: write r (the recipe's) or an integer") from None
 
 
-def setting_overrides(setting: tuple[float, int] | str) -> list[str]:
+def setting_overrides(setting: Setting) -> list[str]:
     """The stage-2 overrides of a sweep setting; `recipe` spells out the recipe's own schedule, so that a reused
-    run is checked against it too."""
-    if setting == RECIPE:
-        optim = OmegaConf.load(ROOT / STAGE2_RECIPE).train.optim
-        schedule = {key: plain(optim.get(key, {})) for key in ("lr_scale", "start_step")}
-    else:
-        scale, start = setting
-        schedule = {"lr_scale": dict.fromkeys(STAGE1_PARTS, scale), "start_step": dict.fromkeys(STAGE1_PARTS, start) if start else {}}
+    run is checked against it too. `SCALE@START` keeps the recipe's entries outside the Q-Former side (the Linear's)."""
+    optim = OmegaConf.load(ROOT / STAGE2_RECIPE).train.optim
+    schedule = {key: plain(optim.get(key, {})) for key in ("lr_scale", "start_step")}
+    if setting.schedule != RECIPE:
+        scale, start = setting.schedule
+        schedule = {key: {k: v for k, v in value.items() if not any(_under(k, part) for part in STAGE1_PARTS)}
+                    for key, value in schedule.items()}
+        schedule["lr_scale"].update(dict.fromkeys(STAGE1_PARTS, scale))
+        schedule["start_step"].update(dict.fromkeys(STAGE1_PARTS, start) if start else {})
+    if setting.linear is not None:
+        schedule["lr_scale"][LINEAR_WEIGHT] = setting.linear
     return [f"train.optim.{key}={{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}" for key, value in schedule.items()]
 
 
@@ -164,7 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--sweep", type=parse_setting, nargs="+", default=[parse_setting(s) for s in (RECIPE, "0.05@0", "0.2@0")],
-                        help=f"Q-Former-side settings: {RECIPE} or SCALE@START (default {RECIPE} 0.05@0 0.2@0)")
+                        help=f"stage-2 settings: {RECIPE} or SCALE@START, each optionally :L for the Linear's weight "
+                             f"(default {RECIPE} 0.05@0 0.2@0)")
     parser.add_argument("--stage2-steps", type=int, default=None, help="default: the stage-2 recipe's train.steps")
     parser.add_argument("--eval-images", type=int, default=0, help="held-out images captioned (0: all)")
     parser.add_argument("--seeds", type=parse_seed, nargs="+", default=[None],
@@ -197,10 +218,10 @@ def main() -> None:
             stage1_dirs[seed] = out / (f"stage1-{slug(arm.name)}" + seed_suffix(seed))
             stage1_runs.append(run("stage1.train", STAGE1_RECIPE, stage1_dirs[seed],
                                    [*arm.stage1, *seed_overrides(seed), *args.set, *args.stage1_set]))
-        for setting in args.sweep if arm.swept else [RECIPE]:
-            label = RECIPE if setting == RECIPE else "{:g}@{}".format(*setting)
+        for setting in args.sweep if arm.swept else [Setting(RECIPE)]:
+            label = setting.label
             runs = []
-            for seed in args.seeds if setting == RECIPE else args.sweep_seeds:
+            for seed in args.seeds if setting == Setting(RECIPE) else args.sweep_seeds:
                 start = arm.stage2 if arm.stage1 is None else [f"model.stage1_checkpoint={stage1_dirs[seed]}"]
                 stage2_dir = out / (f"stage2-{slug(arm.name)}-{slug(label)}" + seed_suffix(seed))
                 runs.append(run("stage2.train", STAGE2_RECIPE, stage2_dir,
@@ -236,7 +257,7 @@ def render(rows: list[dict]) -> str:
         if row["arm"] not in best or row["stage2"]["caption_attr_acc"] > best[row["arm"]]["stage2"]["caption_attr_acc"]:
             best[row["arm"]] = row
     lines = [
-        "| start of stage 2 | Q-Former lr (x stage-2 lr) @ start step | attribute accuracy | per seed | colours | shapes "
+        "| start of stage 2 | Q-Former lr (x stage-2 lr) @ start step[:Linear weight lr] | attribute accuracy | per seed | colours | shapes "
         "| held-out caption loss | stage-1 R@1 t2i / i2t | stage-1 R@5 t2i / i2t | query cosine after stage 1 (per seed) / stage 2 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -19,11 +19,21 @@ def test_recipe_setting_spells_out_the_recipes_schedule():
     recipe = OmegaConf.load(ROOT / ablation.STAGE2_RECIPE)
     assert overrides.train.optim.lr_scale == recipe.train.optim.lr_scale
     assert overrides.train.optim.start_step == recipe.train.optim.start_step
+    outside = {k: v for k, v in recipe.train.optim.lr_scale.items() if not k.startswith(ablation.STAGE1_PARTS)}
+    assert outside, "the recipe scales the Linear's weight: SCALE@START must keep it"
     uniform = OmegaConf.from_dotlist(ablation.setting_overrides(ablation.parse_setting("0.2@0")))
-    assert dict(uniform.train.optim.lr_scale) == dict.fromkeys(ablation.STAGE1_PARTS, 0.2)
+    assert dict(uniform.train.optim.lr_scale) == {**outside, **dict.fromkeys(ablation.STAGE1_PARTS, 0.2)}
     assert dict(uniform.train.optim.start_step) == {}
-    with pytest.raises(Exception, match="bad sweep setting"):
-        ablation.parse_setting("fast")
+    late = OmegaConf.from_dotlist(ablation.setting_overrides(ablation.parse_setting("0.05@150:1")))
+    assert dict(late.train.optim.lr_scale) == {**outside, **dict.fromkeys(ablation.STAGE1_PARTS, 0.05), ablation.LINEAR_WEIGHT: 1.0}
+    assert dict(late.train.optim.start_step) == dict.fromkeys(ablation.STAGE1_PARTS, 150)
+    fast_linear = OmegaConf.from_dotlist(ablation.setting_overrides(ablation.parse_setting("recipe:1")))
+    assert dict(fast_linear.train.optim.lr_scale) == {**recipe.train.optim.lr_scale, ablation.LINEAR_WEIGHT: 1.0}
+    assert [ablation.parse_setting(t).label for t in ("recipe", "0.2@0", "recipe:1", "0.05@150:0.5")] == [
+        "recipe", "0.2@0", "recipe:1", "0.05@150:0.5"]
+    for bad in ("fast", "recipe:fast"):
+        with pytest.raises(Exception, match="bad sweep setting"):
+            ablation.parse_setting(bad)
     assert [ablation.parse_seed(t) for t in ("r", "1")] == [None, 1]
     with pytest.raises(Exception, match="bad seed"):
         ablation.parse_seed("one")
