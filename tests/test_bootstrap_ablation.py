@@ -39,21 +39,21 @@ def test_recipe_setting_spells_out_the_recipes_schedule():
         ablation.parse_seed("one")
 
 
-def test_table_shows_seed_means_and_each_arms_best_in_bold():
+def test_table_shows_seed_means_and_the_best_setting_in_bold():
     def metrics(acc):
         return {"caption_attr_acc": acc, "caption_colour_acc": acc, "caption_shape_acc": acc, "caption_loss": 1 - acc,
                 "query_cosine": 0.5, "caption_examples": []}
 
     stage1 = {"t2i_r1": 0.8, "i2t_r1": 0.9, "t2i_r5": 1.0, "i2t_r5": 1.0, "query_cosine": 0.75}
     rows = []
-    for label, accs in (("recipe", [0.4, 0.6]), ("0.2@0", [0.7, 0.1])):
+    for label, accs, best in (("recipe", [0.4, 0.6], False), ("0.2@0", [0.7, 0.1], True)):
         runs = [metrics(a) for a in accs]
-        rows.append({"arm": "stage 1", "qformer_schedule": label, "stage1": stage1, "stage1_runs": [stage1, stage1],
+        rows.append({"arm": "stage 1", "qformer_schedule": label, "best": best, "stage1": stage1, "stage1_runs": [stage1, stage1],
                      "stage2": ablation.mean_metrics(runs), "stage2_runs": runs})
     assert rows[0]["stage2"]["caption_attr_acc"] == pytest.approx(0.5) and "caption_examples" not in rows[0]["stage2"]
     lines = ablation.render(rows).splitlines()
-    assert "| stage 1 | recipe | **50.0%** | 40.0 / 60.0 |" in lines[2]
-    assert "| stage 1 | 0.2@0 | 40.0% | 70.0 / 10.0 |" in lines[3], "best by the mean, not by one lucky seed"
+    assert "| stage 1 | recipe | 50.0% | 40.0 / 60.0 |" in lines[2]
+    assert "| stage 1 | 0.2@0 | **40.0%** | 70.0 / 10.0 |" in lines[3], "the setting main chose, bold"
     assert "80.0 / 90.0" in lines[2]
     assert lines[2].endswith("| 0.750, 0.750 / 0.500 |"), "each stage-1 seed's query cosine, then stage 2's mean"
 
@@ -162,3 +162,27 @@ def test_a_reused_run_must_match_the_recipe_as_it_is_now(tmp_path, monkeypatch):
     saved(**{"model.stage1_checkpoint": None})
     with pytest.raises(SystemExit, match="model.stage1_checkpoint=None"):
         ablation.run("stage2.train", ablation.STAGE2_RECIPE, run_dir, overrides)
+
+
+def test_the_best_setting_is_chosen_on_the_sweep_seeds_and_then_run_on_every_seed(tmp_path, monkeypatch):
+    """Settings compete on the sweep's seeds alone (the recipe's other seeds do not count); the winner then runs
+    on every seed, so the arms' best rows have the same seeds."""
+    calls = []
+    accuracy = {("recipe", None): 0.4, ("recipe", 1): 0.9, ("0.2@0", None): 0.5, ("0.2@0", 1): 0.3}
+
+    def fake_run(module, recipe, output_dir, overrides):
+        calls.append(output_dir.name)
+        label = "0.2@0" if "0-2-0" in output_dir.name else "recipe"
+        acc = accuracy.get((label, 1 if output_dir.name.endswith("seed1") else None), 0.5)
+        return {"caption_attr_acc": acc, "caption_colour_acc": acc, "caption_shape_acc": acc, "caption_loss": 0.5,
+                "query_cosine": 0.5, "t2i_r1": 0.8, "i2t_r1": 0.8, "t2i_r5": 1.0, "i2t_r5": 1.0}
+
+    monkeypatch.setattr(ablation, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bootstrap_ablation.py", "--out", str(tmp_path), "--arms", "random",
+                                      "--sweep", "recipe", "0.2@0", "--seeds", "r", "1", "--sweep-seeds", "r"])
+    ablation.main()
+    assert calls == ["stage2-no-stage-1-random-q-former-recipe", "stage2-no-stage-1-random-q-former-recipe-seed1",
+                     "stage2-no-stage-1-random-q-former-0-2-0", "stage2-no-stage-1-random-q-former-0-2-0-seed1"]
+    recipe_row, best_row = (tmp_path / "ablation.md").read_text().splitlines()[2:]
+    assert "| recipe | 65.0% | 40.0 / 90.0 |" in recipe_row, "the recipe's mean is higher, over other seeds"
+    assert "| 0.2@0 | **40.0%** | 50.0 / 30.0 |" in best_row, "0.2@0 won on seed r, then ran on seed 1"
