@@ -43,7 +43,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lavis_lite.checkpoint import CONFIG, checkpoints, resolve_checkpoint
-from lavis_lite.training.train_loop import _under
+from lavis_lite.training.train_loop import in_module
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE1_RECIPE = "configs/stage1/demo.yaml"
@@ -125,7 +125,7 @@ def setting_overrides(setting: Setting) -> list[str]:
     schedule = {key: plain(optim.get(key, {})) for key in ("lr_scale", "start_step")}
     if setting.schedule != RECIPE:
         scale, start = setting.schedule
-        schedule = {key: {k: v for k, v in value.items() if not any(_under(k, part) for part in STAGE1_PARTS)}
+        schedule = {key: {k: v for k, v in value.items() if not any(in_module(k, part) for part in STAGE1_PARTS)}
                     for key, value in schedule.items()}
         schedule["lr_scale"].update(dict.fromkeys(STAGE1_PARTS, scale))
         schedule["start_step"].update(dict.fromkeys(STAGE1_PARTS, start) if start else {})
@@ -228,14 +228,13 @@ def main() -> None:
         arm_rows = []
         for setting in args.sweep if arm.swept else [Setting(RECIPE)]:
             seeds = args.seeds if setting == Setting(RECIPE) else args.sweep_seeds
-            arm_rows.append({"arm": arm.name, "qformer_schedule": setting.label, "setting": setting,
-                             "runs": {seed: stage2(setting, seed) for seed in seeds}})
+            arm_rows.append({"setting": setting, "runs": {seed: stage2(setting, seed) for seed in seeds}})
         # The best setting is chosen on the sweep's seeds alone (the same seeds for every setting), then run on all.
         best = max(arm_rows, key=lambda row: mean_metrics([row["runs"][s] for s in args.sweep_seeds])["caption_attr_acc"])
         best["runs"].update({seed: stage2(best["setting"], seed) for seed in args.seeds if seed not in best["runs"]})
         for row in arm_rows:
             runs = [row["runs"][seed] for seed in args.seeds if seed in row["runs"]]
-            rows.append({"arm": row["arm"], "qformer_schedule": row["qformer_schedule"], "best": row is best,
+            rows.append({"arm": arm.name, "qformer_schedule": row["setting"].label, "best": row is best,
                          "stage1": mean_metrics(stage1_runs), "stage1_runs": stage1_runs,
                          "stage2": mean_metrics(runs), "stage2_runs": runs})
     table = render(rows)

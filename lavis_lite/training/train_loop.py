@@ -65,14 +65,14 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-def _under(name: str, prefix: str) -> bool:
+def in_module(name: str, prefix: str) -> bool:
     """Whether parameter `name` is `prefix` or lies in the module `prefix`."""
     return name == prefix or name.startswith(prefix + ".")
 
 
 def _most_specific(name: str, by_prefix: dict, default):
     """The value of the longest module-name prefix of parameter `name` in `by_prefix`, else `default`."""
-    matches = [prefix for prefix in by_prefix if _under(name, prefix)]
+    matches = [prefix for prefix in by_prefix if in_module(name, prefix)]
     return by_prefix[max(matches, key=len)] if matches else default
 
 
@@ -92,7 +92,7 @@ def param_groups(
     """
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     for option, by_prefix in (("lr_scale", lr_scale), ("start_step", start_step)):
-        unknown = [key for key in by_prefix or {} if not any(_under(n, key) for n in trainable)]
+        unknown = [key for key in by_prefix or {} if not any(in_module(n, key) for n in trainable)]
         if unknown:
             modules = sorted({n.split(".")[0] for n in trainable})
             raise ConfigError(f"train.optim.{option} names no trainable module or parameter: {', '.join(unknown)}; "
